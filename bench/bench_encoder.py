@@ -1,0 +1,88 @@
+"""Speed and memory of the parakeet-ctc-0.6b-sized encoder (random weights) on CPU; prints JSON.
+
+    python bench/bench_encoder.py                   # fp32 and bf16, 5 s and 20 s, batch 1 and 8
+    python bench/bench_encoder.py --dtype bfloat16 --seconds 5 --batch 1
+
+Each dtype runs in its own subprocess so that its peak RSS is its own. Timed: log-mel features +
+encoder + CTC head (`ASRModel.forward`) under inference_mode; one warm-up, then the median of
+--runs runs. Compare with NeMo 3.0.0 in ../shared/spec/reference_timings.md (0.6-0.8 s for 5 s).
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from speechllm.asr import ASRConfig, ASRModel
+from speechllm.audio import PreprocessorConfig
+from speechllm.fastconformer import FastConformerConfig
+
+
+def parakeet_ctc_06b(dtype) -> ASRModel:
+    pre = PreprocessorConfig(window_size=0.025, window_stride=0.01, n_fft=512, features=80, pad_to=0, dither=1e-5)
+    enc = FastConformerConfig()  # the defaults are parakeet-ctc-0.6b's encoder
+    model = ASRModel(ASRConfig(pre, enc, vocab_size=1024)).eval()
+    model.encoder.to(dtype)
+    model.decoder.to(dtype)
+    return model
+
+
+def bench_one(model, seconds: float, batch: int, runs: int) -> dict:
+    n = int(seconds * 16000)
+    audio = 0.1 * torch.randn(batch, n)
+    lengths = torch.full((batch,), n)
+    times = []
+    with torch.inference_mode():
+        model(audio, lengths)  # warm-up (oneDNN picks kernels on the first call)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(audio, lengths)
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "audio_s": seconds, "batch": batch, "median_s": round(med, 4), "runs_s": [round(t, 4) for t in times],
+        "real_time_factor": round(med / (seconds * batch), 5), "x_real_time": round(seconds * batch / med, 1),
+    }
+
+
+def run_dtype(args) -> dict:
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype[0])
+    t0 = time.perf_counter()
+    model = parakeet_ctc_06b(dtype)
+    build_s = time.perf_counter() - t0
+    results = [bench_one(model, s, b, args.runs) for s in args.seconds for b in args.batch]
+    return {
+        "dtype": args.dtype[0], "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "encoder_params_m": round(sum(p.numel() for p in model.encoder.parameters()) / 1e6, 1),
+        "build_s": round(build_s, 2), "results": results,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--seconds", nargs="+", type=float, default=[5.0, 20.0])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if len(args.dtype) == 1:
+        print(json.dumps(run_dtype(args)))
+        return
+    out = []
+    for dtype in args.dtype:
+        cmd = [sys.executable, __file__, "--dtype", dtype, "--runs", str(args.runs), "--threads", str(args.threads),
+               "--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)]
+        out.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+    print(json.dumps({"benchmark": "encoder", "model": "parakeet-ctc-0.6b size, random weights", "by_dtype": out},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="speechllm",
+    version="0.1.0",
+    description="Pure-PyTorch Speech-LLM for turn-taking: FastConformer + projector + Qwen2",
+    packages=find_packages(exclude=["tests", "tests.*", "bench"]),
+    python_requires=">=3.10",
+    # torch is pinned loosely on purpose: CI installs the CPU wheel (torch==2.13.0) first,
+    # and a range it satisfies makes pip keep it instead of pulling a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "soundfile",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={"dev": ["pytest"]},
+)

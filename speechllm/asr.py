@@ -1,0 +1,210 @@
+"""FastConformer-CTC speech recogniser: NeMo's EncDecCTCModelBPE without NeMo.
+
+    audio (B, N) @16 kHz --preprocessor--> (B, n_mels, T_mel) --encoder--> (B, T, D)
+          --decoder (1x1 conv)--> log-probs (B, T, vocab+1), blank = last index
+
+A checkpoint directory holds config.json, model.safetensors and the SentencePiece tokenizer.model;
+`ASRModel.from_nemo` reads a `.nemo` archive directly, and `convert_weights.py nemo` writes the
+directory once so later loads are a memory-mapped safetensors read.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+from safetensors.torch import load_file, save_file
+
+from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio
+from .convert import NEMO_CTC_KEYS, NEMO_CTC_TARGETS, ConversionError, NemoArchive, read_nemo_tokenizer, remap
+from .fastconformer import FastConformer, FastConformerConfig
+
+
+@dataclass(frozen=True)
+class ASRConfig:
+    preprocessor: PreprocessorConfig
+    encoder: FastConformerConfig
+    vocab_size: int  # SentencePiece pieces, without the CTC blank
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": "fastconformer_ctc",
+            "preprocessor": self.preprocessor.to_dict(),
+            "encoder": self.encoder.to_dict(),
+            "vocab_size": self.vocab_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ASRConfig":
+        if d.get("model_type") != "fastconformer_ctc":
+            raise ValueError(f"not an ASR checkpoint config: model_type={d.get('model_type')!r}")
+        return cls(
+            preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
+            encoder=FastConformerConfig.from_dict(d["encoder"]),
+            vocab_size=d["vocab_size"],
+        )
+
+
+class CTCDecoder(nn.Module):
+    """NeMo ConvASRDecoder: a 1x1 Conv1d to vocab+1 classes, the blank last."""
+
+    def __init__(self, d_in: int, vocab_size: int):
+        super().__init__()
+        self.decoder_layers = nn.Sequential(nn.Conv1d(d_in, vocab_size + 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder_layers(x.transpose(1, 2)).transpose(1, 2)  # (B, T, V+1) logits
+
+
+def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    """Best path per item: argmax per valid frame, merge repeats, drop blanks."""
+    out = []
+    for frames, n in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
+        ids, prev = [], None
+        for t in frames[:n]:
+            if t != prev and t != blank:
+                ids.append(t)
+            prev = t
+        out.append(ids)
+    return out
+
+
+class ASRModel(nn.Module):
+    def __init__(self, cfg: ASRConfig, tokenizer_model: bytes | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.preprocessor = LogMelFrontend(cfg.preprocessor)
+        self.encoder = FastConformer(cfg.encoder)
+        self.decoder = CTCDecoder(cfg.encoder.out_dim, cfg.vocab_size)
+        self.tokenizer_model = tokenizer_model
+        self.tokenizer = None
+        if tokenizer_model is not None:
+            self.tokenizer = spm.SentencePieceProcessor(model_proto=tokenizer_model)
+
+    @property
+    def blank_id(self) -> int:
+        return self.cfg.vocab_size
+
+    # -- the three stages ------------------------------------------------------------------------
+
+    def features(self, audio: torch.Tensor, lengths: torch.Tensor):
+        """audio (B, N) float at 16 kHz, lengths (B,) samples -> (B, n_mels, T_mel), (B,) frames."""
+        return self.preprocessor(audio, lengths)
+
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor, **kw):
+        """(B, n_mels, T_mel), (B,) -> encoded (B, T, D), lengths (B,)."""
+        return self.encoder(features, lengths, **kw)
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
+        """audio (B, N), lengths (B,) samples -> CTC log-probs (B, T, vocab+1), lengths (B,)."""
+        feats, feat_lens = self.features(audio, lengths)
+        x, enc_lens = self.encode(feats, feat_lens)
+        # log_softmax in fp32 even under autocast: CTC decisions hinge on small margins.
+        return torch.log_softmax(self.decoder(x).float(), dim=-1), enc_lens
+
+    # -- inference -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def transcribe(self, inputs, batch_size: int = 8, progress: bool = False) -> list[str]:
+        """Paths or 1-D float arrays (16 kHz) -> transcripts, in input order."""
+        if self.tokenizer is None:
+            raise RuntimeError("this ASRModel has no tokenizer; load it from a checkpoint directory or .nemo")
+        single = isinstance(inputs, (str, Path)) or (
+            isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 1
+        )
+        inputs = [inputs] if single else list(inputs)
+        hop = self.cfg.preprocessor.hop_length
+        clips = [prepare_clip(x, f"input #{i}", hop) for i, x in enumerate(inputs)]
+        order = sorted(range(len(clips)), key=lambda i: -len(clips[i]))  # similar lengths share a batch
+        texts = [""] * len(clips)
+        device = next(self.parameters()).device
+        batches = range(0, len(order), batch_size)
+        for start in tqdm(batches, desc="transcribe", unit="batch", disable=not progress):
+            idx = order[start:start + batch_size]
+            audio, lengths = pad_batch([clips[i] for i in idx])
+            log_probs, enc_lens = self(audio.to(device), lengths.to(device))
+            for i, ids in zip(idx, ctc_greedy(log_probs, enc_lens, self.blank_id)):
+                texts[i] = self.tokenizer.decode(ids)
+        return texts[0] if single else texts
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_nemo(cls, path, legacy_frontend: bool = False) -> "ASRModel":
+        archive = NemoArchive(path)
+        try:
+            target = archive.target
+            if not target.endswith(NEMO_CTC_TARGETS):
+                raise ConversionError(
+                    f"{path}: model class {target or '(none)'} is not a CTC ASR model "
+                    f"(supported: {', '.join(NEMO_CTC_TARGETS)})"
+                )
+            c = archive.config
+            pre = PreprocessorConfig.from_nemo(c["preprocessor"], legacy=legacy_frontend)
+            enc = FastConformerConfig.from_nemo(c["encoder"])
+            vocab = int(c["decoder"]["num_classes"])
+            model = cls(ASRConfig(pre, enc, vocab), read_nemo_tokenizer(archive))
+            sd = remap(NEMO_CTC_KEYS, archive.state_dict(), model.state_dict(), f"{path} ({target})")
+            model.load_state_dict(sd, strict=True)
+        finally:
+            archive.close()
+        if model.tokenizer.get_piece_size() != vocab:
+            raise ConversionError(
+                f"{path}: tokenizer has {model.tokenizer.get_piece_size()} pieces but the CTC head expects {vocab}"
+            )
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "ASRModel":
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path}: not an ASR checkpoint directory ({name} is missing)")
+        cfg = ASRConfig.from_dict(json.loads((path / "config.json").read_text()))
+        tok = (path / "tokenizer.model").read_bytes() if (path / "tokenizer.model").is_file() else None
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.tokenizer_model = tok
+        model.tokenizer = spm.SentencePieceProcessor(model_proto=tok) if tok else None
+        sd = load_file(path / "model.safetensors")
+        sd = remap({"": ""}, sd, model.state_dict(), str(path / "model.safetensors"))
+        model.load_state_dict(sd, strict=True, assign=True)
+        if dtype is not None:
+            model.encoder.to(dtype)
+            model.decoder.to(dtype)
+        return model.eval()
+
+    def save_pretrained(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        if self.tokenizer_model is not None:
+            (path / "tokenizer.model").write_bytes(self.tokenizer_model)
+
+
+def pad_batch(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D float arrays -> right-zero-padded (B, N_max) float32 and lengths (B,) int64."""
+    lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
+    audio = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        audio[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
+    return audio, lengths
+
+
+def prepare_clip(x, name: str, min_samples: int) -> np.ndarray:
+    """A path (loaded and resampled to 16 kHz) or a 1-D array already at 16 kHz -> checked float32
+    samples. Raises AudioError naming the input when it cannot make one encoder frame."""
+    if isinstance(x, (str, Path)):
+        name, audio = str(x), load_audio(x)
+    else:
+        audio = check_audio(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32), name)
+    if len(audio) < min_samples:
+        raise AudioError(
+            f"{name}: {len(audio)} samples ({len(audio) / SAMPLE_RATE * 1000:.1f} ms) is too short; "
+            f"at least {min_samples} samples ({min_samples / SAMPLE_RATE * 1000:.0f} ms) make one encoder frame"
+        )
+    return audio
