@@ -1,10 +1,12 @@
 """Shared test helpers. Run the suite with: python -m pytest -q tests"""
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# Upstream reference outputs live beside the checkout, read-only: ../shared/fixtures.
+FIXTURES = Path(os.environ.get("SPEECHLLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
 @pytest.fixture(scope="session")

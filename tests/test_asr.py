@@ -63,14 +63,14 @@ def test_features_encoder_and_log_probs_match_nemo(model, ref, run):
         assert log_probs[i, :n].argmax(-1).tolist() == ref[f"{run}.greedy_frame_ids"][i, :n].tolist()
 
 
-def test_greedy_ids_and_text_identical(model, ref, ref_json):
+def test_greedy_ids_and_text_identical(model, ref, ref_json, fixtures):
     with torch.no_grad():
         log_probs, lens = model(ref["batch.input_signal"], ref["batch.input_signal_length"])
     ids = ctc_greedy(log_probs, lens, model.blank_id)
     assert ids == ref_json["batch"]["greedy_token_ids"]
     assert [model.tokenizer.decode(i) for i in ids] == ref_json["batch"]["greedy_text"]
     # The same through transcribe(), from the WAV files themselves.
-    texts = model.transcribe([ROOT.parent / "shared/fixtures/audio_0.wav", ROOT.parent / "shared/fixtures/audio_1.wav"])
+    texts = model.transcribe([fixtures / "audio_0.wav", fixtures / "audio_1.wav"])
     assert texts == ref_json["batch"]["greedy_text"]
 
 
