@@ -5,14 +5,27 @@
 import argparse
 import sys
 
-from speechllm.convert import ConversionError, convert_nemo
+from speechllm.convert import ConversionError, convert_nemo_any
+
+
+def describe(model) -> str:
+    from speechllm.sortformer import SortFormer
+
+    enc = model.cfg.encoder
+    if isinstance(model, SortFormer):
+        return (f"SortFormer diarizer, FastConformer {enc.n_layers} x {enc.d_model}, "
+                f"Transformer {model.cfg.transformer.num_layers} layers, {model.cfg.num_spks} speakers")
+    head = f"CTC vocab {model.cfg.vocab_size}+blank" if model.cfg.vocab_size is not None else "no CTC head"
+    kernels = f", speaker kernels at layers {list(model.cfg.speaker.layers)}" if model.cfg.speaker else ""
+    return f"FastConformer {enc.n_layers} layers x d_model {enc.d_model}{kernels}, {head}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
-    p = sub.add_parser("nemo", help="a NeMo .nemo archive (FastConformer CTC, e.g. parakeet-ctc-0.6b)",
+    p = sub.add_parser("nemo", help="a NeMo .nemo archive: FastConformer CTC (parakeet-ctc-0.6b), multitalker RNNT "
+                            "(encoder + speaker kernels) or SortFormer diarizer",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("nemo_file", help="path to the .nemo archive (read in place, never extracted)")
     p.add_argument("out_dir", help="output directory for config.json, model.safetensors and tokenizer.model")
@@ -22,13 +35,11 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        model = convert_nemo(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend)
+        model = convert_nemo_any(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend)
     except (ConversionError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out_dir}: FastConformer-CTC, {model.cfg.encoder.n_layers} layers, "
-          f"d_model {model.cfg.encoder.d_model}, vocab {model.cfg.vocab_size}+blank, {n / 1e6:.1f} M parameters")
+    print(f"wrote {args.out_dir}: {describe(model)}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     return 0
 
 

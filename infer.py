@@ -1,9 +1,13 @@
-"""Run a speechllm checkpoint on audio files.
+"""Run a speechllm checkpoint on audio.
 
-    python infer.py clip.wav [more.flac ...] --checkpoint DIR
+    python infer.py clip.wav [more.flac ...] --checkpoint DIR           # one line per clip
+    python infer.py --manifest test.jsonl --checkpoint DIR              # score a labelled manifest
 
-With an ASR checkpoint (from `convert_weights.py nemo`) it prints one transcript per file.
-Any format soundfile reads, any sample rate or channel count; audio is resampled to 16 kHz mono.
+A Speech-LLM checkpoint prints the turn-taking tag, its probability, the other two and the
+transcript; an ASR checkpoint (from `convert_weights.py nemo`) prints the transcript; a SortFormer
+diarizer checkpoint prints RTTM lines. Any format
+soundfile reads, any sample rate or channel count: audio is resampled to 16 kHz mono. Clips longer
+than --max-seconds are refused (the encoder attends over the whole clip at once).
 """
 import argparse
 import json
@@ -11,44 +15,133 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from speechllm.asr import ASRModel, prepare_clip
-from speechllm.audio import AudioError
+from speechllm.asr import ASRModel, pad_batch, prepare_clip
+from speechllm.audio import SAMPLE_RATE, AudioError, load_audio
+from speechllm.data import ManifestError, read_manifest
+from speechllm.metrics import classification_report, format_report
+from speechllm.model import SpeechLLM
+from speechllm.sortformer import SortFormer, format_rttm, probs_to_segments
+
+DEMO = Path(__file__).resolve().parent / "checkpoints" / "demo"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, ...)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight precision; bfloat16 is about 3x faster on CPUs with AVX512-BF16 (default: %(default)s)")
+    p.add_argument("audio", nargs="*", help="audio files (wav, flac, ogg, ...)")
+    p.add_argument("--checkpoint", default=None, help=f"checkpoint directory (default: the bundled demo model, {DEMO})")
+    p.add_argument("--manifest", help="NeMo-style JSONL manifest with labels: score it and print the metrics")
+    p.add_argument("--json", action="store_true", help="write one JSON object per clip instead of text lines")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weight precision; auto = bfloat16 where the CPU/GPU has fast bf16, else float32 (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="transcript length limit in tokens (default: %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer clips (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5, help="diarizer: speaker activity threshold (default: %(default)s)")
+    p.add_argument("--min-duration", type=float, default=0.0, help="diarizer: drop shorter segments, seconds (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help="text: 'path<TAB>transcript' per line; json: one JSON object per line (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_model(path: Path, dtype, device):
+    kind = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").is_file() else None
+    if kind == "fastconformer_ctc":
+        return ASRModel.from_pretrained(path, dtype=dtype).to(device)
+    if kind == "speechllm":
+        return SpeechLLM.from_pretrained(path, dtype=dtype).to(device)
+    if kind == "sortformer":
+        return SortFormer.from_pretrained(path).to(device)
+    raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json missing, or model_type {kind!r} unknown)")
+
+
+def load_clips(items, max_seconds: float, min_samples: int):
+    """[(name, path, offset, duration)] -> {name: samples}, reporting and skipping bad clips."""
+    clips, failed = {}, 0
+    for name, path, offset, duration in items:
+        try:
+            audio = prepare_clip(load_audio(path, offset=offset, duration=duration), str(path), min_samples)
+            if len(audio) > max_seconds * SAMPLE_RATE:
+                raise AudioError(f"{path}: {len(audio) / SAMPLE_RATE:.1f} s is longer than --max-seconds {max_seconds:g}; "
+                                 "cut it into turns first")
+            clips[name] = audio
+        except AudioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return clips, failed
+
+
+def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args) -> dict:
+    """{name: samples} -> {name: result}; batches hold clips of similar length."""
+    names = sorted(clips, key=lambda n: -len(clips[n]))
+    results = {}
+    bar = tqdm(total=len(names), unit="clip", disable=len(names) <= batch_size, file=sys.stderr)
+    for start in range(0, len(names), batch_size):
+        chunk = names[start:start + batch_size]
+        if isinstance(model, SortFormer):  # one clip at a time: NeMo scales a batch by its joint peak
+            for n in chunk:
+                probs, lens = model.diarize(torch.from_numpy(clips[n])[None].to(device))
+                segments = probs_to_segments(probs[0, : lens[0]], args.threshold, args.min_duration)
+                results[n] = {"segments": segments, "rttm": format_rttm(segments, Path(n).stem)}
+        elif isinstance(model, ASRModel):
+            results.update(zip(chunk, ({"text": t} for t in model.transcribe([clips[n] for n in chunk]))))
+        else:
+            audio, lengths = pad_batch([clips[n] for n in chunk])
+            results.update(zip(chunk, model.predict(audio.to(device), lengths.to(device), max_new_tokens)))
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def show(name: str, r: dict, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"audio": name, **{k: v for k, v in r.items() if k != "rttm"}})
+    if "rttm" in r:
+        return r["rttm"].rstrip("\n")
+    if "tag" not in r:
+        return f"{name}\t{r['text']}"
+    others = ", ".join(f"{t.strip('<>')} {p:.3f}" for t, p in r["probs"].items() if t != r["tag"])
+    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others})\t{r['transcript']!r}"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.audio and not args.manifest:
+        print("error: give audio files or --manifest", file=sys.stderr)
+        return 2
+    path = Path(args.checkpoint) if args.checkpoint else DEMO
     try:
-        model = ASRModel.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype))
+        model = load_model(path, pick_dtype(args.dtype, args.device), args.device)
+        utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
+        if utts and not isinstance(model, SpeechLLM):
+            raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # Load everything first: one bad file is reported and skipped, the others still run.
-    clips, failed = {}, 0
-    for path in args.audio:
-        try:
-            clips[path] = prepare_clip(Path(path), path, model.cfg.preprocessor.hop_length)
-        except (AudioError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-    texts = model.transcribe(list(clips.values()), batch_size=args.batch_size, progress=len(clips) > 4 * args.batch_size)
-    for path, text in zip(clips, texts):
-        print(json.dumps({"audio": path, "text": text}) if args.format == "json" else f"{path}\t{text}")
+    if args.checkpoint is None:
+        print(f"using the bundled demo model ({DEMO}): trained on synthetic espeak-ng speech only", file=sys.stderr)
+    items = [(p, p, 0.0, None) for p in args.audio] + [(f"{u.audio}@{u.offset:g}", u.audio, u.offset, u.duration) for u in utts]
+    clips, failed = load_clips(items, args.max_seconds, model.cfg.preprocessor.hop_length)
+    results = run(model, clips, args.batch_size, args.max_new_tokens, args.device, args)
+    for name, *_ in items[: len(args.audio)]:
+        if name in results:
+            print(show(name, results[name], args.json))
+    if utts:
+        scored = [(u.label, results[name]["tag"]) for u, (name, *_) in zip(utts, items[len(args.audio):])
+                  if name in results]
+        report = classification_report([t for t, _ in scored], [p for _, p in scored])
+        print(json.dumps(report) if args.json else format_report(report))
     return 1 if failed else 0
 
 

@@ -2,3 +2,9 @@
 from .asr import ASRModel
 from .audio import AudioError, LogMelFrontend, PreprocessorConfig, load_audio, resample
 from .fastconformer import FastConformer, FastConformerConfig
+from .model import PromptConfig, SpeechLLM, SpeechLLMConfig, assemble
+from .projector import ProjectorConfig
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .sortformer import SortFormer
+from .speaker import SpeakerKernelConfig
+from .tokenizer import Tokenizer

@@ -6,8 +6,14 @@
 A checkpoint directory holds config.json, model.safetensors and the SentencePiece tokenizer.model;
 `ASRModel.from_nemo` reads a `.nemo` archive directly, and `convert_weights.py nemo` writes the
 directory once so later loads are a memory-mapped safetensors read.
+
+Optional speaker kernels (speaker.py) steer the encoder towards one speaker: `encode(features,
+lengths, spk_targets, bg_spk_targets)`. `from_nemo` also reads NeMo's multitalker RNNT model
+(EncDecMultiTalkerRNNTBPEModel) for its preprocessor, encoder and kernels; without an RNNT decoder
+here, such a model encodes but cannot transcribe (vocab_size None: no CTC head).
 """
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +25,31 @@ from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
 from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio
-from .convert import NEMO_CTC_KEYS, NEMO_CTC_TARGETS, ConversionError, NemoArchive, read_nemo_tokenizer, remap
+from .convert import (NEMO_CTC_KEYS, NEMO_CTC_TARGETS, NEMO_MULTITALKER_KEYS, NEMO_MULTITALKER_TARGETS,
+                      NEMO_SPK_KERNEL_KEYS, ConversionError, NemoArchive, dropped_keys, read_nemo_tokenizer, remap)
 from .fastconformer import FastConformer, FastConformerConfig
+from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ASRConfig:
     preprocessor: PreprocessorConfig
     encoder: FastConformerConfig
-    vocab_size: int  # SentencePiece pieces, without the CTC blank
+    vocab_size: int | None  # SentencePiece pieces, without the CTC blank; None: no CTC head
+    speaker: SpeakerKernelConfig | None = None  # speaker kernels; None: none
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "model_type": "fastconformer_ctc",
             "preprocessor": self.preprocessor.to_dict(),
             "encoder": self.encoder.to_dict(),
             "vocab_size": self.vocab_size,
         }
+        if self.speaker is not None:
+            d["speaker_kernels"] = self.speaker.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ASRConfig":
@@ -45,6 +59,7 @@ class ASRConfig:
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),
             vocab_size=d["vocab_size"],
+            speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if "speaker_kernels" in d else None,
         )
 
 
@@ -78,7 +93,11 @@ class ASRModel(nn.Module):
         self.cfg = cfg
         self.preprocessor = LogMelFrontend(cfg.preprocessor)
         self.encoder = FastConformer(cfg.encoder)
-        self.decoder = CTCDecoder(cfg.encoder.out_dim, cfg.vocab_size)
+        self.decoder = CTCDecoder(cfg.encoder.out_dim, cfg.vocab_size) if cfg.vocab_size is not None else None
+        self.spk_kernels = self.bg_spk_kernels = None
+        if cfg.speaker is not None:
+            # Top-level attributes, so the keys are NeMo's: spk_kernels.<L>.0.weight, ...
+            self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg.speaker, cfg.encoder.d_model, cfg.encoder.n_layers)
         self.tokenizer_model = tokenizer_model
         self.tokenizer = None
         if tokenizer_model is not None:
@@ -94,22 +113,37 @@ class ASRModel(nn.Module):
         """audio (B, N) float at 16 kHz, lengths (B,) samples -> (B, n_mels, T_mel), (B,) frames."""
         return self.preprocessor(audio, lengths)
 
-    def encode(self, features: torch.Tensor, lengths: torch.Tensor, **kw):
-        """(B, n_mels, T_mel), (B,) -> encoded (B, T, D), lengths (B,)."""
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor, spk_targets: torch.Tensor | None = None,
+               bg_spk_targets: torch.Tensor | None = None, **kw):
+        """(B, n_mels, T_mel), (B,) -> encoded (B, T, D), lengths (B,).
+
+        With speaker kernels, spk_targets / bg_spk_targets (B, T) are the target speaker's and the
+        other speakers' activity per encoder frame; None gives NeMo's single-speaker defaults."""
+        if self.spk_kernels is not None:
+            kw["layer_hook"] = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
+        elif spk_targets is not None or bg_spk_targets is not None:
+            raise ValueError("this ASRModel has no speaker kernels, so it cannot take speaker targets")
         return self.encoder(features, lengths, **kw)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         """audio (B, N), lengths (B,) samples -> CTC log-probs (B, T, vocab+1), lengths (B,)."""
+        self._require_ctc()
         feats, feat_lens = self.features(audio, lengths)
         x, enc_lens = self.encode(feats, feat_lens)
         # log_softmax in fp32 even under autocast: CTC decisions hinge on small margins.
         return torch.log_softmax(self.decoder(x).float(), dim=-1), enc_lens
+
+    def _require_ctc(self):
+        if self.decoder is None:
+            raise RuntimeError("this ASRModel has no CTC decoder (it came from an archive without one, "
+                               "e.g. an RNNT model); it can encode() but not transcribe")
 
     # -- inference -------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def transcribe(self, inputs, batch_size: int = 8, progress: bool = False) -> list[str]:
         """Paths or 1-D float arrays (16 kHz) -> transcripts, in input order."""
+        self._require_ctc()
         if self.tokenizer is None:
             raise RuntimeError("this ASRModel has no tokenizer; load it from a checkpoint directory or .nemo")
         single = isinstance(inputs, (str, Path)) or (
@@ -137,21 +171,31 @@ class ASRModel(nn.Module):
         archive = NemoArchive(path)
         try:
             target = archive.target
-            if not target.endswith(NEMO_CTC_TARGETS):
+            ctc = target.endswith(NEMO_CTC_TARGETS)
+            if not ctc and not target.endswith(NEMO_MULTITALKER_TARGETS):
                 raise ConversionError(
-                    f"{path}: model class {target or '(none)'} is not a CTC ASR model "
-                    f"(supported: {', '.join(NEMO_CTC_TARGETS)})"
+                    f"{path}: model class {target or '(none)'} is not an ASR model we can import "
+                    f"(supported: {', '.join(NEMO_CTC_TARGETS + NEMO_MULTITALKER_TARGETS)})"
                 )
             c = archive.config
             pre = PreprocessorConfig.from_nemo(c["preprocessor"], legacy=legacy_frontend)
             enc = FastConformerConfig.from_nemo(c["encoder"])
-            vocab = int(c["decoder"]["num_classes"])
-            model = cls(ASRConfig(pre, enc, vocab), read_nemo_tokenizer(archive))
-            sd = remap(NEMO_CTC_KEYS, archive.state_dict(), model.state_dict(), f"{path} ({target})")
+            speaker = SpeakerKernelConfig.from_nemo(c, enc)
+            vocab = int(c["decoder"]["num_classes"]) if ctc else None
+            if ctc:
+                table = NEMO_CTC_KEYS | (NEMO_SPK_KERNEL_KEYS if speaker else {})
+            else:
+                table = NEMO_MULTITALKER_KEYS
+            model = cls(ASRConfig(pre, enc, vocab, speaker), read_nemo_tokenizer(archive))
+            source = archive.state_dict()
+            sd = remap(table, source, model.state_dict(), f"{path} ({target})")
             model.load_state_dict(sd, strict=True)
+            if left_out := dropped_keys(table, source):
+                log.warning("%s: %d RNNT decoder/joint tensors not imported (there is no RNNT decoding here, "
+                            "so this model can encode but not transcribe): %s", path, len(left_out), ", ".join(left_out))
         finally:
             archive.close()
-        if model.tokenizer.get_piece_size() != vocab:
+        if vocab is not None and model.tokenizer.get_piece_size() != vocab:
             raise ConversionError(
                 f"{path}: tokenizer has {model.tokenizer.get_piece_size()} pieces but the CTC head expects {vocab}"
             )
@@ -172,9 +216,10 @@ class ASRModel(nn.Module):
         sd = load_file(path / "model.safetensors")
         sd = remap({"": ""}, sd, model.state_dict(), str(path / "model.safetensors"))
         model.load_state_dict(sd, strict=True, assign=True)
-        if dtype is not None:
-            model.encoder.to(dtype)
-            model.decoder.to(dtype)
+        if dtype is not None:  # the frontend stays fp32
+            for part in (model.encoder, model.decoder, model.spk_kernels, model.bg_spk_kernels):
+                if part is not None:
+                    part.to(dtype)
         return model.eval()
 
     def save_pretrained(self, path) -> None:

@@ -168,3 +168,65 @@ def load_nemo_state(archive: NemoArchive, model: torch.nn.Module, table: dict) -
     sd = remap(table, archive.state_dict(), model.state_dict(), f"{archive.path} ({archive.target})")
     model.load_state_dict(sd, strict=True)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# speaker models: SortFormer diarizer, multitalker (speaker-kernel) ASR
+
+# SortformerEncLabelModel, offline path. Module names mirror NeMo's, so apart from the frontend every
+# row is an identity; the table exists to say what is (not) imported.
+NEMO_SORTFORMER_KEYS = {
+    "preprocessor.featurizer.window": "preprocessor.window",
+    "preprocessor.featurizer.fb": "preprocessor.fb",
+    "encoder.": "encoder.",
+    "sortformer_modules.encoder_proj.": "sortformer_modules.encoder_proj.",
+    "sortformer_modules.first_hidden_to_hidden.": "sortformer_modules.first_hidden_to_hidden.",
+    "sortformer_modules.single_hidden_to_spks.": "sortformer_modules.single_hidden_to_spks.",
+    # Linear(2 * tf_d_model -> num_spks): in every checkpoint, read by no forward path in NeMo 3.0.0.
+    "sortformer_modules.hidden_to_spks.": None,
+    "transformer_encoder.layers.": "transformer_encoder.layers.",
+}
+NEMO_SORTFORMER_TARGETS = ("SortformerEncLabelModel",)
+
+# SpeakerKernelMixin kernels sit at the model's top level in NeMo and in ASRModel alike.
+NEMO_SPK_KERNEL_KEYS = {
+    "spk_kernels.": "spk_kernels.",
+    "bg_spk_kernels.": "bg_spk_kernels.",
+}
+
+# EncDecMultiTalkerRNNTBPEModel: we import the encoder side only. There is no RNNT decoding here, so
+# the prediction network and joint are left out, and ASRModel.from_nemo logs their names.
+NEMO_MULTITALKER_KEYS = {
+    "preprocessor.featurizer.window": "preprocessor.window",
+    "preprocessor.featurizer.fb": "preprocessor.fb",
+    "encoder.": "encoder.",
+    **NEMO_SPK_KERNEL_KEYS,
+    "decoder.": None,  # RNNT prediction network (embedding + LSTM)
+    "joint.": None,  # RNNT joint network
+}
+NEMO_MULTITALKER_TARGETS = ("EncDecMultiTalkerRNNTBPEModel",)
+
+
+def dropped_keys(table: dict, source: dict) -> list[str]:
+    """Source keys that `table` deliberately leaves out (their longest matching prefix maps to None)."""
+    out = []
+    for key in source:
+        prefix = max((p for p in table if key.startswith(p)), key=len, default=None)
+        if prefix is not None and table[prefix] is None:
+            out.append(key)
+    return out
+
+
+def convert_nemo_any(path, out_dir, legacy_frontend: bool = False):
+    """`convert_nemo` for every archive we can import: a SortFormer diarizer becomes a SortFormer
+    directory, anything else goes to ASRModel (which refuses what it cannot read). Returns the model."""
+    archive = NemoArchive(path)
+    target = archive.target
+    archive.close()
+    if target.endswith(NEMO_SORTFORMER_TARGETS):
+        from .sortformer import SortFormer
+
+        model = SortFormer.from_nemo(path, legacy_frontend=legacy_frontend)
+        model.save_pretrained(out_dir)
+        return model
+    return convert_nemo(path, out_dir, legacy_frontend=legacy_frontend)

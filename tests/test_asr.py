@@ -209,7 +209,7 @@ def test_cli_convert_then_transcribe(fixtures, tmp_path, ref_json):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF....not really audio")
     r = run("infer.py", str(fixtures / "audio_0.wav"), str(bad), str(fixtures / "audio_1.wav"),
-            "--checkpoint", str(out), "--format", "json")
+            "--checkpoint", str(out), "--json", "--dtype", "float32")
     assert r.returncode == 1  # one bad file: reported, the others still transcribed
     assert "bad.wav" in r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]

@@ -1,0 +1,321 @@
+"""The Speech-LLM: listen to a clip, write its transcript, then one turn-taking tag.
+
+    audio (B, N) 16 kHz --preprocessor--> (B, n_mels, T_mel) 10 ms
+          --encoder (+ speaker kernels)--> (B, T, D_enc) 80 ms
+          --projector--> (B, T', D) 160 ms (conv_transformer, stride 2)
+    prompt ids with one <audio> --embed, splice--> (B, L, D) --Qwen2--> logits (B, L, V)
+
+The prompt is Qwen's chat format: a user turn holding <audio> and an instruction, then the
+assistant answers "transcript <TAG>" (or just "<TAG>" with answer_format "tag_only"), closed by
+<|im_end|>. The product is the tag's probabilities: a softmax over the three tag logits at the
+position where the tag is written.
+
+Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
+"""
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .audio import LogMelFrontend, PreprocessorConfig
+from .fastconformer import FastConformer, FastConformerConfig
+from .generate import generate
+from .projector import ProjectorConfig, build_projector
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .tokenizer import TAGS, Tokenizer, format_chat
+
+IGNORE = -100  # label of positions that carry no loss
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    user: str = "<audio>\nTranscribe the speech, then tag whether the speaker's turn is complete."
+    system: str | None = None  # no system turn by default (NeMo's qwen formatter has none either)
+    audio_token: str = "<audio>"
+    answer_format: str = "transcript_tag"  # or "tag_only"
+    tags: tuple = TAGS
+
+    def __post_init__(self):
+        if self.answer_format not in ("transcript_tag", "tag_only"):
+            raise ValueError(f"prompt answer_format {self.answer_format!r} is not 'transcript_tag' or 'tag_only'")
+        if self.user.count(self.audio_token) != 1:
+            raise ValueError(f"the prompt's user turn must hold exactly one {self.audio_token}: {self.user!r}")
+        object.__setattr__(self, "tags", tuple(self.tags))  # JSON gives a list back
+
+
+@dataclass(frozen=True)
+class SpeechLLMConfig:
+    preprocessor: PreprocessorConfig
+    encoder: FastConformerConfig
+    projector: ProjectorConfig
+    llm: Qwen2Config
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    tag_loss_weight: float = 5.0  # seed 000: the tag token's cross-entropy counts 5x
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": "speechllm",
+            "preprocessor": self.preprocessor.to_dict(), "encoder": self.encoder.to_dict(),
+            "projector": self.projector.to_dict(), "llm": self.llm.to_hf(),
+            "prompt": asdict(self.prompt), "tag_loss_weight": self.tag_loss_weight,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeechLLMConfig":
+        if d.get("model_type") != "speechllm":
+            raise ValueError(f"not a Speech-LLM config: model_type={d.get('model_type')!r}")
+        known = {f.name for f in fields(PromptConfig)}
+        return cls(
+            preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
+            encoder=FastConformerConfig.from_dict(d["encoder"]),
+            projector=ProjectorConfig.from_dict(d["projector"]),
+            llm=Qwen2Config.from_hf(d["llm"]),
+            prompt=PromptConfig(**{k: v for k, v in d.get("prompt", {}).items() if k in known}),
+            tag_loss_weight=d.get("tag_loss_weight", 5.0),
+        )
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, cfg: SpeechLLMConfig, tokenizer: Tokenizer, encoder_tokenizer: bytes | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.preprocessor = LogMelFrontend(cfg.preprocessor)
+        self.encoder = FastConformer(cfg.encoder)
+        self.projector = build_projector(cfg.projector)
+        self.llm = Qwen2ForCausalLM(cfg.llm)
+        self.tokenizer = tokenizer
+        self.encoder_tokenizer = encoder_tokenizer  # the encoder's SentencePiece model, kept with it
+        self.audio_id = tokenizer.token_to_id(cfg.prompt.audio_token)
+        self.tag_ids = [tokenizer.token_to_id(t) for t in cfg.prompt.tags]
+        if max(self.tag_ids + [self.audio_id]) >= cfg.llm.vocab_size:
+            raise ValueError(f"the tokenizer's special tokens need {max(self.tag_ids) + 1} embedding rows; "
+                             f"the LLM has {cfg.llm.vocab_size} (use tokenizer.fit_embeddings)")
+
+    # -- audio side ------------------------------------------------------------------------------
+
+    def embed_audio(self, audio: torch.Tensor, lengths: torch.Tensor, layer_hook=None):
+        """audio (B, N), lengths (B,) samples -> audio embeddings (B, T', D), lengths (B,)."""
+        feats, feat_lens = self.preprocessor(audio, lengths)
+        x, lens = self.encoder(feats, feat_lens, layer_hook=layer_hook)  # (B, T, D_enc)
+        return self.projector(x, lens)  # (B, T', D)
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def prompt_ids(self) -> list[int]:
+        """The prompt up to the open assistant turn; it holds one <audio> id."""
+        p = self.cfg.prompt
+        turns = ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.user}]
+        return self.tokenizer.encode(format_chat(turns, add_generation_prompt=True))
+
+    def answer_ids(self, transcript: str | None, tag: str | None) -> tuple[list[int], int | None]:
+        """Ids of the assistant's answer, closed by <|im_end|>, and the index of the tag in it.
+        Stage 1 (ASR) passes tag None; tag_only ignores the transcript."""
+        if tag is not None and tag not in self.cfg.prompt.tags:
+            raise ValueError(f"unknown tag {tag!r}; expected one of {self.cfg.prompt.tags}")
+        text = [] if self.cfg.prompt.answer_format == "tag_only" or not transcript else self.tokenizer.encode(transcript.strip() + " ")
+        if tag is None:
+            return (self.tokenizer.encode(transcript.strip()) if transcript else []) + [self.tokenizer.im_end_id], None
+        return text + [self.tokenizer.token_to_id(tag), self.tokenizer.im_end_id], len(text)
+
+    def splice(self, audio_embeds, audio_lens, rows: list[list[int]], labels: list[list[int]] | None = None):
+        """Replace the <audio> id of each row by that row's valid audio frames; left-pad the batch.
+
+        rows: token ids per item, each with exactly one <audio>. labels: per-row targets aligned with
+        rows (IGNORE where no loss), or None. Returns inputs_embeds (B, L, D), attention_mask (B, L)
+        bool, position_ids (B, L), and labels (B, L) if given; audio positions are never labelled."""
+        embed = self.llm.model.embed_tokens
+        seqs, labs = [], []
+        for i, ids in enumerate(rows):
+            where = [j for j, t in enumerate(ids) if t == self.audio_id]
+            if len(where) != 1:
+                raise ValueError(f"prompt row {i} holds {len(where)} {self.cfg.prompt.audio_token} tokens; expected 1")
+            j, n = where[0], int(audio_lens[i])
+            text = embed(torch.tensor(ids, device=audio_embeds.device))  # (L_i, D)
+            seqs.append(torch.cat([text[:j], audio_embeds[i, :n].to(text.dtype), text[j + 1:]]))
+            if labels is not None:
+                labs.append(labels[i][:j] + [IGNORE] * n + labels[i][j + 1:])
+        width = max(len(s) for s in seqs)
+        B, D = len(seqs), seqs[0].shape[-1]
+        inputs = seqs[0].new_zeros(B, width, D)
+        mask = torch.zeros(B, width, dtype=torch.bool, device=inputs.device)
+        target = torch.full((B, width), IGNORE, dtype=torch.long, device=inputs.device)
+        for i, s in enumerate(seqs):
+            inputs[i, width - len(s):] = s
+            mask[i, width - len(s):] = True
+            if labels is not None:
+                target[i, width - len(s):] = torch.tensor(labs[i], device=inputs.device)
+        # Positions count real tokens only, as transformers' generate does for left padding.
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return (inputs, mask, position_ids) + ((target,) if labels is not None else ())
+
+    # -- training --------------------------------------------------------------------------------
+
+    def forward(self, audio, lengths, transcripts: list[str | None], tags: list[str | None], layer_hook=None):
+        """Training loss: token cross-entropy over the assistant's answer (transcript, tag, <|im_end|>);
+        the prompt and audio positions carry none. The tag token weighs `tag_loss_weight`, every other
+        answer token 1, and the loss is sum(w * ce) / sum(w) over the batch: a weighted token mean, so
+        long transcripts count more than short ones, as in NeMo SALM's token-level mean.
+        Returns (loss, stats) with the plain token loss and the tag loss for logging."""
+        audio_embeds, audio_lens = self.embed_audio(audio, lengths, layer_hook)
+        prompt = self.prompt_ids()
+        rows, labels, weights = [], [], []
+        for transcript, tag in zip(transcripts, tags):
+            answer, tag_at = self.answer_ids(transcript, tag)
+            rows.append(prompt + answer)
+            labels.append([IGNORE] * len(prompt) + answer)
+            w = [1.0] * len(answer)
+            if tag_at is not None:
+                w[tag_at] = self.cfg.tag_loss_weight
+            weights.append(w)
+        inputs, mask, pos, target = self.splice(audio_embeds, audio_lens, rows, labels)
+        h = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, return_hidden=True)  # (B, L, D)
+        # The token at t is predicted from position t - 1. The head (D x V, V = 152k) runs only on
+        # the few answer positions, not on the whole sequence.
+        target = target[:, 1:]
+        sel = target != IGNORE
+        logits = self.llm.lm_head(h[:, :-1][sel]).float()  # (n_answer, V)
+        ce = F.cross_entropy(logits, target[sel], reduction="none")
+        w = torch.tensor([x for row in weights for x in row], device=ce.device)
+        # Answers sit at the end of each left-padded row, so the row-major order of `sel` is the
+        # order in which `weights` lists them.
+        is_tag = torch.isin(target[sel], torch.tensor(self.tag_ids, device=ce.device))
+        loss = (ce * w).sum() / w.sum()
+        stats = {"token_loss": ce.mean().detach(), "tag_loss": ce[is_tag].mean().detach() if is_tag.any() else None}
+        return loss, stats
+
+    # -- inference -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, audio, lengths, max_new_tokens: int = 64, layer_hook=None) -> list[dict]:
+        """audio (B, N), lengths (B,) -> per clip: transcript, tag, probs (softmax over the tag logits
+        at the tag position), tag_mass (their share of the full-vocabulary softmax), tag_forced (the
+        model closed its answer without a tag, so the tag was read at its last step), timings (s)."""
+        t0 = time.perf_counter()
+        audio_embeds, audio_lens = self.embed_audio(audio, lengths, layer_hook)
+        t1 = time.perf_counter()
+        B = len(audio_lens)
+        inputs, mask, _ = self.splice(audio_embeds, audio_lens, [self.prompt_ids()] * B)
+        tag_only = self.cfg.prompt.answer_format == "tag_only"
+        stop = self.tag_ids + self.tokenizer.eos_ids
+        gen = generate(self.llm, inputs_embeds=inputs, attention_mask=mask, max_new_tokens=1 if tag_only else max_new_tokens,
+                       eos_ids=stop, pad_id=self.tokenizer.pad_id, return_scores=True)
+        t2 = time.perf_counter()
+        out = []
+        for i in range(B):
+            ids = gen.tokens[i].tolist()
+            at = next((k for k, t in enumerate(ids) if t in self.tag_ids), None)
+            forced = at is None
+            if forced:  # read the tag where the answer ended (its last generated step)
+                at = next((k for k, t in enumerate(ids) if t in stop), len(ids) - 1)
+            scores = gen.scores[i, at].float()  # (V,)
+            tag_logits = scores[self.tag_ids]
+            probs = torch.softmax(tag_logits, -1)
+            out.append({
+                "transcript": self.tokenizer.decode(ids[:at], skip_special_tokens=True).strip(),
+                "tag": self.cfg.prompt.tags[int(probs.argmax())],
+                "probs": dict(zip(self.cfg.prompt.tags, probs.tolist())),
+                "tag_mass": float(torch.softmax(scores, -1)[self.tag_ids].sum()),
+                "tag_forced": forced,
+                "timings": {"audio_s": round(t1 - t0, 4), "llm_s": round(t2 - t1, 4)},
+            })
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_pretrained(self, path) -> None:
+        """config.json, model.safetensors (the tied LM head stored once), tokenizer.json (+ config),
+        and the encoder's SentencePiece model as encoder_tokenizer.model."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.llm.tie_word_embeddings:
+            del state["llm.lm_head.weight"]
+        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        save_file(state, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
+        (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+        self.tokenizer.save_pretrained(path)
+        if self.encoder_tokenizer is not None:
+            (path / "encoder_tokenizer.model").write_bytes(self.encoder_tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "SpeechLLM":
+        """Load a directory written by save_pretrained. dtype None keeps the stored dtype; the
+        log-mel frontend always stays float32."""
+        path = Path(path)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path}: not a Speech-LLM checkpoint directory ({name} is missing)")
+        cfg = SpeechLLMConfig.from_dict(json.loads((path / "config.json").read_text()))
+        tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *cfg.prompt.tags))
+        spm = path / "encoder_tokenizer.model"
+        with torch.device("meta"):
+            model = cls(cfg, tok, spm.read_bytes() if spm.is_file() else None)
+        state = load_file(path / "model.safetensors")
+        if cfg.llm.tie_word_embeddings:
+            state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
+        check_state(state, model.state_dict(), path / "model.safetensors")
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.llm.tie_word_embeddings:
+            model.llm.tie_weights()  # assign=True gave the head its own Parameter object
+        if dtype is not None:
+            model.to(dtype)
+        model.preprocessor.float()
+        return model.eval()
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        self.preprocessor.float()  # the frontend's window and filterbank stay float32, as NeMo's
+        return self
+
+
+def check_state(found: dict, expected: dict, where) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(found) & set(expected)) if found[k].shape != expected[k].shape]
+    problems = [f"{len(v)} {what}: {v[:20]}" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if v]
+    if problems:
+        raise ValueError(f"{where}: tensors do not fit the model:\n  " + "\n  ".join(problems))
+
+
+def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | None = None, prompt: PromptConfig | None = None,
+             seed: int = 0) -> SpeechLLM:
+    """A fresh Speech-LLM, the Stage-1 starting point: the preprocessor and encoder of a NeMo
+    FastConformer archive, a Hugging Face Qwen2 directory, a new projector, and the <audio> and tag
+    tokens. Pretrained weights are kept as they are; only new parameters are initialised."""
+    from .asr import ASRModel
+    from .tokenizer import fit_embeddings
+
+    asr = ASRModel.from_nemo(encoder_nemo)
+    llm = Qwen2ForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    prompt = prompt or PromptConfig()
+    tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *prompt.tags))
+    fit_embeddings(llm, tok)
+    d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
+    projector = projector or ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
+    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt)
+    with torch.device("meta"):
+        model = SpeechLLM(cfg, tok, asr.tokenizer_model)
+    model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
+    torch.manual_seed(seed)
+    model.projector = build_projector(projector)
+    model.projector.init_weights()
+    init_new_token_rows(llm, [model.audio_id, *model.tag_ids])
+    return model.eval()
+
+
+@torch.no_grad()
+def init_new_token_rows(llm: Qwen2ForCausalLM, ids: list[int]) -> None:
+    """Rows of tokens the LLM never saw (ours sit on Qwen's spare, untrained rows) start at the mean
+    of the rows before them: an 'average token' as input, a logit near the average as output."""
+    first = min(ids)
+    heads = [llm.model.embed_tokens.weight] + ([] if llm.config.tie_word_embeddings else [llm.lm_head.weight])
+    for w in heads:
+        w[ids] = w[:first].float().mean(0).to(w.dtype)

@@ -1,0 +1,236 @@
+"""Speaker kernels (NeMo's SpeakerKernelMixin) and the per-frame speaker activity they read.
+
+A speaker kernel tells the FastConformer whose speech to follow. At the input of each configured
+layer L, with s the target speaker's activity and g everyone else's, one value per 80 ms frame:
+
+    x = x + spk_kernels[L](x * s)          # (B, T, D)
+    x = x + bg_spk_kernels[L](x * g)       # the background kernel sees the updated x
+
+Each kernel is Sequential(Linear(D -> H), ReLU, Dropout(0.5), Linear(H -> D)), so its keys are
+`<L>.0.*` and `<L>.3.*`, as in NeMo 3.0.0's EncDecMultiTalkerRNNTBPEModel. NeMo injects them with
+forward hooks (a pre-hook on layer 0, output hooks on layer L-1 for L > 0); `kernel_hook` builds the
+`layer_hook` that FastConformer.forward runs at those same points.
+
+NeMo's defaults, reproduced because released kernels were trained with them:
+- spk_targets None ("single speaker mode"): layer 0 still runs, with s = 1 and g = 0, so x gains
+  K_spk(x) plus the constant K_bg(0); kernels at layers > 0 do nothing at all.
+- bg_spk_targets None with spk_targets set: g = 0, and every kernel runs.
+- a mask shorter than T is left-padded (s with 1, g with 0); a longer one keeps its last T frames.
+
+Activity masks follow NeMo's multitalker training labels (asr_multispeaker_utils.speaker_to_target):
+segments are drawn on the 10 ms mel grid (onset and offset floored to a cell), encoder frame i takes
+the mean of the nine cells around 80*i ms (frame 0: the first four; the last frame: all cells to the
+end of the audio) and is active above 0.5. Speakers are numbered by first onset (SortFormer's
+arrival order); g is the OR of all speakers but the target. So a segment from 0.16 s to 0.40 s,
+frame-aligned, marks frames 3..5: the onset frame itself sees only 4 of its 9 cells active.
+"""
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fastconformer import FastConformerConfig
+
+FRAME_S = 0.08  # encoder frame: 8 mel frames of 10 ms
+CELLS_PER_S = 100  # NeMo draws segments on the 10 ms mel grid
+CELLS_PER_FRAME = 8
+
+Segment = tuple[float, float, str]  # (start s, end s, speaker)
+
+
+# -----------------------------------------------------------------------------
+# kernels
+
+
+@dataclass(frozen=True)
+class SpeakerKernelConfig:
+    """NeMo SpeakerKernelMixin settings (model-config keys in comments), with its defaults."""
+
+    layers: tuple[int, ...] = (0,)  # spk_kernel_layers: kernels act on the input of these layers
+    hidden_size: int | None = None  # None: the encoder's d_model, which is how NeMo sizes it
+    background: bool = True  # add_bg_spk_kernel
+    dropout: float = 0.5  # fixed in NeMo
+
+    def __post_init__(self):
+        layers = self.layers
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            raise ValueError(f"speaker kernel layers={list(layers)} must be distinct layer indices >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"speaker kernel dropout={self.dropout} must be in [0, 1)")
+
+    @classmethod
+    def from_nemo(cls, cfg: dict, encoder: FastConformerConfig) -> "SpeakerKernelConfig | None":
+        """From a NeMo model config; None when it has no speaker kernels."""
+        kind = cfg.get("spk_kernel_type")
+        if kind is None:
+            return None
+        if kind != "ff":
+            raise ValueError(f"spk_kernel_type={kind!r} is not supported (only 'ff', the released kernel)")
+        width = (cfg.get("model_defaults") or {}).get("enc_hidden", encoder.d_model)
+        if width != encoder.d_model:
+            raise ValueError(f"model_defaults.enc_hidden={width} must equal encoder.d_model={encoder.d_model}: "
+                             "the kernels act on the encoder's layer inputs")
+        return cls(layers=tuple(cfg.get("spk_kernel_layers", [0])), hidden_size=encoder.d_model,
+                   background=bool(cfg.get("add_bg_spk_kernel", True)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeakerKernelConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown speaker kernel config keys: {sorted(unknown)}")
+        return cls(**{**d, "layers": tuple(d.get("layers", (0,)))})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers)}
+
+
+def speaker_kernel(d_model: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, d_model))
+
+
+def build_kernels(cfg: SpeakerKernelConfig, d_model: int, n_layers: int) -> tuple[nn.ModuleDict, nn.ModuleDict | None]:
+    """(spk_kernels, bg_spk_kernels or None), keyed by the layer index as a string, as NeMo keys them."""
+    if max(cfg.layers) >= n_layers:
+        # NeMo would hook the last layer's output here; our layer_hook only sees layer inputs.
+        raise ValueError(f"speaker kernel layers {list(cfg.layers)} must be < the encoder's {n_layers} layers")
+    hidden = cfg.hidden_size or d_model
+
+    def kernels():
+        return nn.ModuleDict({str(i): speaker_kernel(d_model, hidden, cfg.dropout) for i in cfg.layers})
+
+    return kernels(), kernels() if cfg.background else None
+
+
+@torch.no_grad()
+def init_weights(spk_kernels: nn.ModuleDict, bg_spk_kernels: nn.ModuleDict | None = None) -> None:
+    """Initialise kernels that will be trained from scratch on a pretrained encoder.
+
+        parameter      init             why
+        <L>.0.weight   N(0, 1/D)        unit-variance hidden units for unit-variance inputs
+        <L>.0.bias     0
+        <L>.3.weight   0                the kernel adds exactly 0 at step 0, so the pretrained
+        <L>.3.bias     0                encoder is untouched until the kernel learns something
+    The first layer still learns from step 1 on: the output layer's gradient is ReLU(hidden), not 0.
+    """
+    for kernels in (spk_kernels, bg_spk_kernels or {}):
+        for kernel in kernels.values():
+            first, last = kernel[0], kernel[3]
+            nn.init.normal_(first.weight, std=first.in_features ** -0.5)
+            nn.init.zeros_(first.bias)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+
+def fit_mask(mask: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
+    """A (B, T') mask -> (B, T) for x (B, T, D), NeMo's way: None -> all `fill`; shorter -> left-padded
+    with `fill`; longer -> its last T frames."""
+    b, t, _ = x.shape
+    if mask is None:
+        return x.new_full((b, t), fill)
+    if mask.ndim != 2 or mask.shape[0] != b:
+        raise ValueError(f"speaker mask of shape {tuple(mask.shape)} does not fit a batch of {b} (expected (B, T))")
+    mask = mask.to(device=x.device, dtype=x.dtype)
+    if mask.shape[1] < t:
+        mask = F.pad(mask, (t - mask.shape[1], 0), value=fill)
+    return mask[:, mask.shape[1] - t:]
+
+
+def kernel_hook(spk_kernels: nn.ModuleDict, bg_spk_kernels: nn.ModuleDict | None,
+                spk_targets: torch.Tensor | None = None,
+                bg_spk_targets: torch.Tensor | None = None) -> Callable:
+    """The FastConformer `layer_hook(i, x, lengths) -> x` for masks s = spk_targets, g = bg_spk_targets,
+    each (B, T) per encoder frame or None (see the module docstring for NeMo's defaults)."""
+
+    def hook(i: int, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        key = str(i)
+        if key not in spk_kernels or (i > 0 and spk_targets is None):
+            return x
+        s = fit_mask(spk_targets, x, 1.0)
+        x = x + spk_kernels[key](x * s[..., None])  # (B, T, D)
+        if bg_spk_kernels is not None:
+            g = fit_mask(bg_spk_targets, x, 0.0)
+            x = x + bg_spk_kernels[key](x * g[..., None])
+        return x
+
+    return hook
+
+
+# -----------------------------------------------------------------------------
+# activity masks
+
+
+def read_rttm(path) -> dict[str, list[Segment]]:
+    """RTTM -> {file_id: [(start, end, speaker), ...]} from its SPEAKER lines, in file order.
+
+    Fields of a SPEAKER line: type, file id, channel, onset (s), duration (s), <NA>, <NA>, speaker,
+    <NA>, <NA>. Other line types, ';;' comments and blank lines are skipped."""
+    out: dict[str, list[Segment]] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        f = line.split()
+        if not f or f[0] != "SPEAKER":
+            continue
+        try:
+            start, duration, speaker = float(f[3]), float(f[4]), f[7]
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}:{n}: not an RTTM SPEAKER line: {line.strip()!r}") from None
+        if start < 0 or duration < 0:
+            raise ValueError(f"{path}:{n}: negative onset or duration: {line.strip()!r}")
+        out.setdefault(f[1], []).append((start, start + duration, speaker))
+    return out
+
+
+def speaker_activity(segments: list[Segment], num_frames: int, duration: float | None = None,
+                     soft: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Segments in seconds -> activity (S, T) float32 per encoder frame, and the S speakers in arrival
+    order. `duration` is the audio's (default num_frames * 80 ms): segments are cut there, and the
+    last frame's window runs to it. soft: the active fraction of each window, instead of > 0.5."""
+    duration = num_frames * FRAME_S if duration is None else duration
+    speakers = list(dict.fromkeys(spk for _, _, spk in sorted(segments, key=lambda seg: seg[0])))
+    n = round(duration * CELLS_PER_S)
+    cells = torch.zeros(len(speakers), n, dtype=torch.float64)  # (S, n) on the 10 ms grid
+    for start, end, spk in segments:
+        # int() floors, as NeMo does, float error included (0.29 s -> cell 28).
+        cells[speakers.index(spk), int(max(start, 0.0) * CELLS_PER_S):int(min(end, duration) * CELLS_PER_S)] = 1.0
+    i = torch.arange(num_frames)
+    lo = (CELLS_PER_FRAME * i - 1 - CELLS_PER_FRAME // 2).clamp(0, n)  # (T,) first cell of frame i's window
+    hi = (CELLS_PER_FRAME * i + CELLS_PER_FRAME // 2).clamp(0, n)  # one past its last
+    hi[-1:] = n  # the last frame's window runs to the end of the audio
+    csum = F.pad(cells.cumsum(1), (1, 0))  # (S, n + 1)
+    frac = (csum[:, hi] - csum[:, lo]) / (hi - lo).clamp(min=1)  # (S, T)
+    return (frac if soft else frac > 0.5).float(), speakers
+
+
+def target_masks(segments: list[Segment], target: str, num_frames: int, duration: float | None = None,
+                 soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, g), each (T,): the target speaker's activity and the OR (soft: max) of everyone else's.
+    A target absent from the segments is silent: s = 0."""
+    act, speakers = speaker_activity(segments, num_frames, duration, soft)
+    others = [k for k, spk in enumerate(speakers) if spk != target]
+    s = act[speakers.index(target)] if target in speakers else act.new_zeros(num_frames)
+    g = act[others].amax(0) if others else act.new_zeros(num_frames)
+    return s, g
+
+
+def batch_target_masks(segments: list[list[Segment]], targets: list[str], num_frames: list[int],
+                       durations: list[float] | None = None, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item `target_masks`, right-padded with 0 to the longest item -> s, g (B, T), ready for
+    ASRModel.encode (num_frames: each item's encoded length)."""
+    durations = durations or [None] * len(segments)
+    s = torch.zeros(len(segments), max(num_frames))
+    g = torch.zeros_like(s)
+    for b, (segs, target, t, dur) in enumerate(zip(segments, targets, num_frames, durations, strict=True)):
+        s[b, :t], g[b, :t] = target_masks(segs, target, t, dur, soft)
+    return s, g
+
+
+def masks_from_probs(probs: torch.Tensor, target: int, binary: bool = False,
+                     threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diarizer output (B, T, S) -> (s, g) (B, T) for speaker `target`, as NeMo's SpeakerTaggedASR
+    builds them: s = the target's probability (binary: > threshold), g = any other speaker > threshold."""
+    s = probs[..., target]
+    s = (s > threshold).to(probs.dtype) if binary else s
+    others = torch.cat([probs[..., :target], probs[..., target + 1:]], dim=-1)  # (B, T, S-1)
+    return s, (others > threshold).any(-1).to(probs.dtype)

@@ -1,0 +1,342 @@
+"""Qwen2 against transformers 5.23 fixtures, plus loading variants and errors.
+Run: python -m pytest -q tests/test_qwen2.py"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from speechllm.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM, RMSNorm, rope_cos_sin
+
+TOL = 1e-4  # fp32 vs transformers (eager attention): measured ~1e-5
+
+
+@pytest.fixture(scope="module")
+def ref(fixtures):
+    return load_file(fixtures / "llm_ref.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model(fixtures):
+    return Qwen2ForCausalLM.from_pretrained(fixtures / "llm_hf")
+
+
+@pytest.fixture(scope="module")
+def hf_config(fixtures):
+    return json.loads((fixtures / "llm_hf" / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hf_weights(fixtures):
+    return load_file(fixtures / "llm_hf" / "model.safetensors")
+
+
+def write_dir(path, config: dict, weights: dict | None):
+    """An HF-style directory in tmp_path with the given config.json and model.safetensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@torch.no_grad()
+def single_logits(model, ref):
+    return model(ref["single0.input_ids"])
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity
+
+
+@torch.no_grad()
+def test_left_padded_batch_logits_and_hidden_states(model, ref):
+    valid = ref["batch.attention_mask"].bool()
+    logits, hidden = model(ref["batch.input_ids"], attention_mask=ref["batch.attention_mask"],
+                           position_ids=ref["batch.position_ids"], output_hidden_states=True)
+    assert logits.shape == ref["batch.logits"].shape
+    assert max_diff(logits[valid], ref["batch.logits"][valid]) < TOL
+    # The smallest top-2 margin is 0.01, so every greedy choice must agree.
+    assert torch.equal(logits[valid].argmax(-1), ref["batch.logits"][valid].argmax(-1))
+    assert len(hidden) == model.config.num_hidden_layers + 1 == ref["batch.hidden_states"].shape[0]
+    for ours, theirs in zip(hidden, ref["batch.hidden_states"]):
+        assert max_diff(ours[valid], theirs[valid]) < TOL
+
+
+@torch.no_grad()
+def test_unpadded_rows(model, ref):
+    for key in ("single0", "single1"):
+        assert max_diff(model(ref[f"{key}.input_ids"]), ref[f"{key}.logits"]) < TOL
+
+
+@torch.no_grad()
+def test_default_positions_with_left_padding_are_shift_invariant(model, ref):
+    # Without position_ids row 1's tokens sit at positions 10..23; RoPE only sees offsets, so the
+    # logits equal the unpadded ones up to rounding of the different absolute angles.
+    logits = model(ref["batch.input_ids"], attention_mask=ref["batch.attention_mask"])
+    assert max_diff(logits[1, 10:], ref["single1.logits"][0]) < TOL
+
+
+@torch.no_grad()
+def test_inputs_embeds_equal_input_ids(model, ref):
+    ids = ref["single0.input_ids"]
+    assert torch.equal(model(inputs_embeds=model.model.embed_tokens(ids)), model(ids))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, inputs_embeds=model.model.embed_tokens(ids))
+
+
+@torch.no_grad()
+def test_cached_decoding_matches_full_forward(model, ref):
+    ids, mask, pos = ref["batch.input_ids"], ref["batch.attention_mask"], ref["batch.position_ids"]
+    full = model(ids, attention_mask=mask, position_ids=pos)
+    cache = KVCache(model.config, batch_size=2, max_len=24)
+    steps = [model(ids[:, :16], attention_mask=mask[:, :16], position_ids=pos[:, :16], cache=cache)]
+    for t in range(16, 24):
+        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                           position_ids=pos[:, t:t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1)
+    valid = mask.bool()
+    assert cache.length == 24
+    # Different kernels (SDPA on 1 query vs 24) round differently: transformers' own cached vs
+    # full difference on this batch is 6e-6, ours 1.3e-5.
+    assert max_diff(cached[valid], full[valid]) < 5e-5
+    assert max_diff(cached[valid], ref["batch.logits"][valid]) < TOL
+
+
+@torch.no_grad()
+def test_chunked_prefill_without_mask(model, ref):
+    # A second multi-token chunk on top of a cache needs the offset causal mask (tril(past)).
+    ids = ref["single0.input_ids"]
+    cache = KVCache(model.config, batch_size=1, max_len=30)
+    logits = torch.cat([model(ids[:, :10], cache=cache), model(ids[:, 10:], cache=cache)], dim=1)
+    assert max_diff(logits, ref["single0.logits"]) < TOL
+
+
+@torch.no_grad()
+def test_kv_cache_overflow_and_reset(model, ref):
+    ids = ref["single0.input_ids"]
+    cache = KVCache(model.config, batch_size=1, max_len=24)
+    first = model(ids, cache=cache)
+    with pytest.raises(ValueError, match="overflow"):
+        model(ids[:, :1], cache=cache)
+    cache.reset()
+    assert torch.equal(model(ids, cache=cache), first)
+
+
+@torch.no_grad()
+def test_bf16_close_to_fp32(fixtures, ref):
+    # bf16 keeps 8 significant bits (relative step 2^-8). On this fixture, rounding only the
+    # weights to bf16 (computing in fp32) already moves logits by up to 0.21 (logit std 1.5), and
+    # bf16 activations are rounded again after each of ~10 matmuls: measured 0.28 max / 0.03 mean.
+    # 0.5 / 0.06 leaves 2x headroom; real bugs (RoPE, mask, norm order) move logits by O(1).
+    model = Qwen2ForCausalLM.from_pretrained(fixtures / "llm_hf", dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    logits = model(ref["single0.input_ids"])
+    assert logits.dtype == torch.bfloat16  # transformers >= 4.46 keeps logits in the model dtype
+    err = (logits.float() - ref["single0.logits"]).abs()
+    assert err.max() < 0.5 and err.mean() < 0.06
+
+
+def test_rmsnorm_casts_before_the_weight():
+    # In bf16 the order matters; Qwen2RMSNorm rounds the normalised x to bf16, then multiplies.
+    norm = RMSNorm(64, 1e-6).bfloat16()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    x = torch.randn(4, 64).bfloat16()
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * normed.bfloat16())
+    assert not torch.equal(norm(x), (norm.weight.float() * normed).bfloat16())
+
+
+def test_rope_angles_are_float32_products():
+    # transformers 4.40 built its table with torch.outer in float32; later versions use a matmul
+    # or a broadcast product, all bitwise equal. A float64 angle rounds differently.
+    positions = torch.arange(4096)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 64, 2).float() / 64))
+    table = torch.cat([torch.outer(positions.float(), inv_freq)] * 2, dim=-1)
+    cos, sin = rope_cos_sin(positions[None], 64, 1e6, torch.float32)
+    assert torch.equal(cos[0], table.cos()) and torch.equal(sin[0], table.sin())
+    inv_freq64 = 1.0 / (1e6 ** (torch.arange(0, 64, 2).double() / 64))
+    table64 = torch.cat([torch.outer(positions.double(), inv_freq64)] * 2, dim=-1)
+    assert (table64.cos().float() - cos[0]).abs().max() > 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_defaults_are_qwen25_05b():
+    c = Qwen2Config()
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (151936, 896, 4864)
+    assert c.num_hidden_layers == 24
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (14, 2, 64)
+    assert (c.rope_theta, c.rms_norm_eps, c.tie_word_embeddings) == (1e6, 1e-6, True)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        Qwen2Config(num_key_value_heads=3)
+
+
+def test_config_dialects_agree(hf_config):
+    v4 = Qwen2Config.from_hf(hf_config)
+    v5 = {k: v for k, v in hf_config.items()
+          if k not in ("rope_theta", "torch_dtype", "rope_scaling")}
+    v5 |= {"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "float32",
+           "layer_types": ["full_attention"] * 2}
+    assert Qwen2Config.from_hf(v5) == v4
+    assert (v4.head_dim, v4.rope_theta, v4.vocab_size) == (16, 1e6, 448)
+    assert v4.tie_word_embeddings
+
+
+def test_config_round_trips_through_config_json():
+    c = Qwen2Config(vocab_size=1000, head_dim=32, tie_word_embeddings=False, eos_token_id=[1, 2],
+                    torch_dtype="float32")
+    assert Qwen2Config.from_hf(json.loads(json.dumps(c.to_hf()))) == c
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"model_type": "qwen3"}, "qwen3"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "linear"}}, "rope_parameters"),
+    ({"use_sliding_window": True, "max_window_layers": 1}, "use_sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_config_refuses_unsupported_variants(hf_config, change, field):
+    with pytest.raises(ValueError, match=field):
+        Qwen2Config.from_hf(hf_config | change)
+
+
+def test_sliding_window_flag_inert_when_no_layer_uses_it(hf_config):
+    # Qwen2.5 ships use_sliding_window false; true with max_window_layers >= layers is also inert.
+    assert Qwen2Config.from_hf(hf_config | {"use_sliding_window": True, "max_window_layers": 2})
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading variants, built in tmp_path from the fixture
+
+
+def test_tied_head_shares_the_embedding(model):
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert len(list(model.parameters())) == len(model.state_dict()) - 1
+
+
+def test_sharded_checkpoint(tmp_path, model, ref, hf_config, hf_weights):
+    names = sorted(hf_weights)
+    shards = {"model-00001-of-00002.safetensors": names[:10],
+              "model-00002-of-00002.safetensors": names[10:]}
+    write_dir(tmp_path, hf_config, None)
+    for file, keys in shards.items():
+        save_file({k: hf_weights[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(single_logits(loaded, ref), single_logits(model, ref))
+
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bf16_weights(tmp_path, hf_config, hf_weights):
+    write_dir(tmp_path, hf_config | {"torch_dtype": "bfloat16"},
+              {k: v.bfloat16() for k, v in hf_weights.items()})
+    kept = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    upcast = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    for name, p in upcast.state_dict().items():
+        source = hf_weights["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+        assert p.dtype == torch.float32 and torch.equal(p, source.bfloat16().float()), name
+
+
+def test_v5_config(tmp_path, model, ref, hf_config, fixtures):
+    config = {k: v for k, v in hf_config.items() if k not in ("rope_theta", "torch_dtype")}
+    config |= {"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "float32",
+               "layer_types": ["full_attention"] * 2, "sliding_window": None}
+    write_dir(tmp_path, config, None)
+    os.symlink(fixtures / "llm_hf" / "model.safetensors", tmp_path / "model.safetensors")
+    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), ref),
+                       single_logits(model, ref))
+
+
+def test_untied_head(tmp_path, model, ref, hf_config, hf_weights):
+    # An explicit head of 2 x embedding: logits must double exactly, so the stored head is used.
+    weights = hf_weights | {"lm_head.weight": 2 * hf_weights["model.embed_tokens.weight"]}
+    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, weights)
+    loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(single_logits(loaded, ref), 2 * single_logits(model, ref),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_save_pretrained_round_trip(tmp_path, model, ref):
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    assert config["torch_dtype"] == "float32" and config["rope_theta"] == 1e6
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys() and f.metadata() == {"format": "pt"}
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 400
+    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), ref),
+                       single_logits(model, ref))
+
+
+def test_save_untied_bf16(tmp_path):
+    small = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=24,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, tie_word_embeddings=False))
+    small.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    for name, p in small.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_weights(tmp_path, hf_config):
+    write_dir(tmp_path, hf_config, None)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*model.safetensors"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unsupported_model_type_and_architecture(tmp_path, hf_config):
+    write_dir(tmp_path, hf_config | {"model_type": "qwen3"}, None)
+    with pytest.raises(ValueError, match="qwen3"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+    write_dir(tmp_path, hf_config | {"architectures": ["LlamaForCausalLM"]}, None)
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bad_tensors_are_all_listed(tmp_path, hf_config, hf_weights):
+    weights = dict(hf_weights)
+    del weights["model.layers.1.mlp.up_proj.weight"], weights["model.norm.weight"]
+    weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    weights["model.layers.2.mlp.up_proj.weight"] = torch.zeros(1)
+    write_dir(tmp_path, hf_config, weights)
+    with pytest.raises(ValueError) as err:
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight",  # missing
+                 "model.layers.2.mlp.up_proj.weight",  # unexpected
+                 "model.layers.0.self_attn.k_proj.weight: file (16, 64) vs model (32, 64)"):
+        assert name in message
+
+
+def test_untied_config_needs_lm_head(tmp_path, hf_config, hf_weights):
+    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, hf_weights)
+    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
