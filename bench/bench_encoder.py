@@ -6,6 +6,10 @@
 Each dtype runs in its own subprocess so that its peak RSS is its own. Timed: log-mel features +
 encoder + CTC head (`ASRModel.forward`) under inference_mode; one warm-up, then the median of
 --runs runs. Compare with NeMo 3.0.0 in ../shared/spec/reference_timings.md (0.6-0.8 s for 5 s).
+
+Shared 2-core machines vary by 2x from day to day, so each run also times the reference file's
+2048^3 matmul and reports `at_reference_speed_s`: the median rescaled to the matmul rate the NeMo
+figures were measured at (198.2 GFLOP/s fp32, 849.0 bf16).
 """
 import argparse
 import json
@@ -31,7 +35,21 @@ def parakeet_ctc_06b(dtype) -> ASRModel:
     return model
 
 
-def bench_one(model, seconds: float, batch: int, runs: int) -> dict:
+REFERENCE_GFLOPS = {"float32": 198.2, "bfloat16": 849.0}  # reference_timings.md, 2048^3 matmul
+
+
+def matmul_gflops(dtype, n: int = 2048, runs: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_one(model, seconds: float, batch: int, runs: int, speed: float) -> dict:
     n = int(seconds * 16000)
     audio = 0.1 * torch.randn(batch, n)
     lengths = torch.full((batch,), n)
@@ -46,6 +64,7 @@ def bench_one(model, seconds: float, batch: int, runs: int) -> dict:
     return {
         "audio_s": seconds, "batch": batch, "median_s": round(med, 4), "runs_s": [round(t, 4) for t in times],
         "real_time_factor": round(med / (seconds * batch), 5), "x_real_time": round(seconds * batch / med, 1),
+        "at_reference_speed_s": round(med * speed, 4),
     }
 
 
@@ -55,11 +74,13 @@ def run_dtype(args) -> dict:
     t0 = time.perf_counter()
     model = parakeet_ctc_06b(dtype)
     build_s = time.perf_counter() - t0
-    results = [bench_one(model, s, b, args.runs) for s in args.seconds for b in args.batch]
+    gflops = matmul_gflops(dtype)
+    speed = gflops / REFERENCE_GFLOPS[args.dtype[0]]  # < 1: this machine is slower than the reference's
+    results = [bench_one(model, s, b, args.runs, speed) for s in args.seconds for b in args.batch]
     return {
         "dtype": args.dtype[0], "threads": torch.get_num_threads(), "torch": torch.__version__,
         "encoder_params_m": round(sum(p.numel() for p in model.encoder.parameters()) / 1e6, 1),
-        "build_s": round(build_s, 2), "results": results,
+        "build_s": round(build_s, 2), "matmul_gflops": round(gflops, 1), "results": results,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
