@@ -1,11 +1,19 @@
-"""Import upstream checkpoints into speechllm's format (config.json + model.safetensors + tokenizer).
+"""Bring upstream checkpoints into speechllm's format (a directory: config.json + model.safetensors
++ tokenizer files), or look inside one.
 
-    python convert_weights.py nemo parakeet-ctc-0.6b.nemo checkpoints/parakeet-ctc-0.6b
+    python convert_weights.py nemo parakeet-ctc-0.6b.nemo checkpoints/parakeet          # ASR / diarizer
+    python convert_weights.py assemble --encoder parakeet.nemo --llm Qwen2.5-0.5B --out checkpoints/stage1
+    python convert_weights.py checkpoint step_3000.pt --base checkpoints/stage1 --config config.yaml --out checkpoints/tt
+    python convert_weights.py inspect step_3000.pt
 """
 import argparse
 import sys
 
-from speechllm.convert import ConversionError, convert_nemo_any
+import yaml
+
+from speechllm.convert import ConversionError, convert_nemo_any, inspect, load_checkpoint_into
+
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 def describe(model) -> str:
@@ -15,31 +23,104 @@ def describe(model) -> str:
     if isinstance(model, SortFormer):
         return (f"SortFormer diarizer, FastConformer {enc.n_layers} x {enc.d_model}, "
                 f"Transformer {model.cfg.transformer.num_layers} layers, {model.cfg.num_spks} speakers")
+    if hasattr(model, "llm"):
+        return (f"Speech-LLM: FastConformer {enc.n_layers} x {enc.d_model}, {model.cfg.projector.kind} projector, "
+                f"Qwen2 {model.cfg.llm.num_hidden_layers} x {model.cfg.llm.hidden_size}, tags {list(model.cfg.prompt.tags)}")
     head = f"CTC vocab {model.cfg.vocab_size}+blank" if model.cfg.vocab_size is not None else "no CTC head"
     kernels = f", speaker kernels at layers {list(model.cfg.speaker.layers)}" if model.cfg.speaker else ""
     return f"FastConformer {enc.n_layers} layers x d_model {enc.d_model}{kernels}, {head}"
 
 
+def run_nemo(args):
+    return convert_nemo_any(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend), args.out_dir
+
+
+def run_assemble(args):
+    from speechllm.model import assemble
+    from speechllm.speaker import SpeakerKernelConfig
+
+    speaker = SpeakerKernelConfig(layers=tuple(args.speaker_kernel_layers)) if args.speaker_kernel_layers else None
+    model = assemble(args.encoder, args.llm, speaker=speaker, seed=args.seed)
+    model.save_pretrained(args.out)
+    return model, args.out
+
+
+def run_checkpoint(args):
+    from speechllm.model import SpeechLLM, assemble
+
+    if args.base:
+        model = SpeechLLM.from_pretrained(args.base)
+    elif args.encoder and args.llm:
+        model = assemble(args.encoder, args.llm)
+    else:
+        raise ValueError("the architecture comes from --base DIR (a Speech-LLM directory, e.g. from `assemble`) "
+                         "or from --encoder X.nemo --llm HF_DIR")
+    lora = ((yaml.safe_load(open(args.config)) or {}).get("model") or {}).get("lora") if args.config else None
+    scaling = lora["lora_alpha"] / lora["r"] if lora else None
+    for line in load_checkpoint_into(model, args.step_file, lora_scaling=scaling):
+        print(line, file=sys.stderr)
+    model.save_pretrained(args.out)
+    return model, args.out
+
+
+def run_inspect(args):
+    notes, rows = inspect(args.path)
+    for note in notes:
+        print(f"# {note}")
+    width = max(len(r[0]) for r in rows)
+    for name, shape, dtype, dest in rows:
+        print(f"{name:{width}}  {str(list(shape)):>18}  {dtype:>9}  -> {dest}")
+    print(f"# {len(rows)} tensors, {sum(r[3] == 'UNPLACED' for r in rows)} unplaced")
+    return None, None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    sub = parser.add_subparsers(dest="source", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("nemo", help="a NeMo .nemo archive: FastConformer CTC (parakeet-ctc-0.6b), multitalker RNNT "
-                            "(encoder + speaker kernels) or SortFormer diarizer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("nemo", formatter_class=FORMATTER,
+                       help="a NeMo .nemo archive: FastConformer CTC (parakeet-ctc-0.6b), multitalker RNNT "
+                            "(encoder + speaker kernels) or SortFormer diarizer")
     p.add_argument("nemo_file", help="path to the .nemo archive (read in place, never extracted)")
-    p.add_argument("out_dir", help="output directory for config.json, model.safetensors and tokenizer.model")
+    p.add_argument("out_dir", help="output directory")
     p.add_argument("--legacy-frontend", action="store_true",
                    help="compute features as NeMo <= 2.4 did (reflect-padded STFT, one more valid frame): "
                         "what parakeet-ctc-0.6b was trained with. Default: NeMo 3.0.0's behaviour")
+    p.set_defaults(run=run_nemo)
+
+    p = sub.add_parser("assemble", formatter_class=FORMATTER,
+                       help="a fresh Speech-LLM (Stage-1 starting point) from a .nemo encoder and a Qwen2 directory")
+    p.add_argument("--encoder", required=True, help="FastConformer .nemo archive (CTC or multitalker)")
+    p.add_argument("--llm", required=True, help="Hugging Face Qwen2 / Qwen2.5 directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--speaker-kernel-layers", type=int, nargs="*", default=None,
+                   help="add new speaker kernels at these encoder layers (e.g. 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the new projector's weights")
+    p.set_defaults(run=run_assemble)
+
+    p = sub.add_parser("checkpoint", formatter_class=FORMATTER,
+                       help="a full training checkpoint (step_N.pt) into a Speech-LLM directory")
+    p.add_argument("step_file", help="torch checkpoint: plain, model/state_dict/module-wrapped, DDP or DeepSpeed prefixes")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--base", help="Speech-LLM directory with the same architecture (e.g. from `assemble`)")
+    p.add_argument("--encoder", help="instead of --base: the .nemo the encoder came from")
+    p.add_argument("--llm", help="instead of --base: the Qwen2 directory the LLM came from")
+    p.add_argument("--config", help="the run's config.yaml (read for model.lora r / lora_alpha to merge LoRA)")
+    p.set_defaults(run=run_checkpoint)
+
+    p = sub.add_parser("inspect", formatter_class=FORMATTER,
+                       help="list tensors, shapes, dtypes and where each would go, for any file the converter reads")
+    p.add_argument("path", help=".nemo, .pt/.ckpt, .safetensors, or a model directory")
+    p.set_defaults(run=run_inspect)
 
     args = parser.parse_args(argv)
     try:
-        model = convert_nemo_any(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend)
-    except (ConversionError, FileNotFoundError, ValueError) as e:
+        model, out = args.run(args)
+    except (ConversionError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out_dir}: {describe(model)}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+    if model is not None:
+        print(f"wrote {out}: {describe(model)}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     return 0
 
 

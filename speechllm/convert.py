@@ -10,6 +10,7 @@ outside that file.
 Key renaming is a visible table per source format. `remap` applies one and reports every problem at
 once: source tensors nothing consumed, target tensors nothing filled, and shape mismatches.
 """
+import json
 import os
 import tarfile
 import tempfile
@@ -164,10 +165,6 @@ def convert_nemo(path, out_dir, legacy_frontend: bool = False):
     return model
 
 
-def load_nemo_state(archive: NemoArchive, model: torch.nn.Module, table: dict) -> None:
-    sd = remap(table, archive.state_dict(), model.state_dict(), f"{archive.path} ({archive.target})")
-    model.load_state_dict(sd, strict=True)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,3 +227,205 @@ def convert_nemo_any(path, out_dir, legacy_frontend: bool = False):
         model.save_pretrained(out_dir)
         return model
     return convert_nemo(path, out_dir, legacy_frontend=legacy_frontend)
+
+
+# ----------------------------------------------------------------------------------------------
+# full Speech-LLM training checkpoints (step_N.pt)
+
+# Component prefixes seen in Speech-LLM training checkpoints -> ours. The longest prefix wins, so an
+# ASR model kept whole under `encoder` (encoder.encoder.*, encoder.preprocessor.*) and NeMo SALM's
+# `perception.*` both land in the right place.
+SPEECHLLM_CKPT_KEYS = {
+    "preprocessor.featurizer.": "preprocessor.",
+    "preprocessor.": "preprocessor.",
+    "encoder.": "encoder.",
+    "encoder.preprocessor.featurizer.": "preprocessor.",
+    "encoder.encoder.": "encoder.",
+    "encoder.decoder.": None,  # the ASR model's CTC head: not part of the Speech-LLM
+    "encoder.spk_kernels.": "spk_kernels.",
+    "encoder.bg_spk_kernels.": "bg_spk_kernels.",
+    "spk_kernels.": "spk_kernels.",
+    "bg_spk_kernels.": "bg_spk_kernels.",
+    "perception.preprocessor.featurizer.": "preprocessor.",
+    "perception.encoder.": "encoder.",
+    "perception.modality_adapter.": "projector.modality_adapter.",
+    "perception.proj.": "projector.proj.",
+    "projector.": "projector.",
+    "llm.": "llm.",
+    "llm.base_model.model.": "llm.",  # PEFT-wrapped LLM (LoRA factors are merged first)
+    "embed_tokens.": "llm.model.embed_tokens.",  # SALM keeps the embedding outside the LLM
+    "decoder.": None,
+}
+
+WRAPPERS = ("module", "model", "state_dict", "model_state_dict")  # DeepSpeed, plain, Lightning, ...
+COMPONENTS = ("encoder", "perception", "projector", "llm", "spk_kernels", "bg_spk_kernels", "speaker")
+
+
+def read_checkpoint(path) -> tuple[dict, list[str]]:
+    """A torch checkpoint -> (flat state dict, notes on how it was unwrapped). Loaded with
+    weights_only=True: a file that needs arbitrary pickled objects is refused, never executed."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as e:
+        raise ConversionError(f"{path}: cannot read it safely with weights_only=True: {e}") from None
+    notes = []
+    while isinstance(obj, dict) and not _is_state(obj):
+        wrapper = next((k for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
+        parts = {k: v for k, v in obj.items() if k in COMPONENTS and isinstance(v, dict)}
+        if wrapper:
+            notes.append(f"unwrapped '{wrapper}'" + (f" (ignored: {sorted(set(obj) - {wrapper})})" if len(obj) > 1 else ""))
+            obj = obj[wrapper]
+        elif parts:
+            notes.append(f"joined component state dicts {sorted(parts)}")
+            obj = {f"{name}.{k}": v for name, sd in parts.items() for k, v in _flat(sd).items()}
+        else:
+            raise ConversionError(f"{path}: no state dict found; top-level keys: {sorted(obj)[:20]}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "_orig_mod.", "model."):  # DDP, torch.compile, a wrapping LightningModule
+        if sd and all(k.startswith(prefix) for k in sd) and not _looks_like_ours(sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            notes.append(f"stripped prefix '{prefix}'")
+    return sd, notes
+
+
+def _is_state(d: dict) -> bool:
+    return bool(d) and sum(isinstance(v, torch.Tensor) for v in d.values()) > len(d) // 2
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _looks_like_ours(sd: dict) -> bool:
+    return any(k.split(".", 1)[0] in COMPONENTS + ("preprocessor",) for k in sd)
+
+
+def merge_lora(sd: dict, scaling: float | None) -> dict:
+    """Fold PEFT LoRA factors into their base weights: W + scaling * B @ A, scaling = alpha / r."""
+    a_keys = [k for k in sd if ".lora_A." in k]
+    if not a_keys:
+        return sd
+    if scaling is None:
+        raise ConversionError(f"the checkpoint holds {len(a_keys)} LoRA factors (e.g. {a_keys[0]}); give --config "
+                              "with model.lora.r and lora_alpha so they can be merged")
+    sd = dict(sd)
+    for a_key in a_keys:
+        stem, adapter = a_key.split(".lora_A.")
+        a, b = sd.pop(a_key), sd.pop(f"{stem}.lora_B.{adapter}")
+        base = f"{stem}.base_layer.weight" if f"{stem}.base_layer.weight" in sd else f"{stem}.weight"
+        w = sd.pop(base)
+        sd[f"{stem}.weight"] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+    for k in [k for k in sd if ".base_layer." in k]:  # the base biases
+        sd[k.replace(".base_layer.", ".")] = sd.pop(k)
+    return sd
+
+
+def place(table: dict, sd: dict) -> tuple[dict, dict, list[str]]:
+    """-> (ours: our key -> tensor, where: source key -> our key or None, unplaced source keys)."""
+    ours, where, unplaced = {}, {}, []
+    for key, tensor in sd.items():
+        prefix = max((p for p in table if key.startswith(p)), key=len, default=None)
+        if prefix is None:
+            unplaced.append(key)
+            continue
+        where[key] = None if table[prefix] is None else table[prefix] + key[len(prefix):]
+        if where[key] is not None:
+            ours[where[key]] = tensor
+    return ours, where, unplaced
+
+
+def load_checkpoint_into(model, path, lora_scaling: float | None = None) -> list[str]:
+    """Load a full training checkpoint into a SpeechLLM built with the same architecture. Returns
+    report lines; raises listing every model tensor missing or mis-shaped."""
+    sd, notes = read_checkpoint(path)
+    ours, where, unplaced = place(SPEECHLLM_CKPT_KEYS, merge_lora(sd, lora_scaling))
+    expected = model.state_dict()
+    if model.cfg.llm.tie_word_embeddings:
+        ours.pop("llm.lm_head.weight", None)  # tied: the embedding is the head
+        expected = {k: v for k, v in expected.items() if k != "llm.lm_head.weight"}
+    unknown = sorted(set(ours) - set(expected))
+    missing = sorted(set(expected) - set(ours))
+    wrong = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(ours) & set(expected)) if ours[k].shape != expected[k].shape]
+    if missing or wrong:
+        problems = ([f"{len(missing)} model tensors not in the checkpoint: {_short(missing)}"] if missing else []) + (
+            [f"{len(wrong)} shape mismatches: {_short(wrong)}"] if wrong else [])
+        raise ConversionError(f"{path}: does not fit the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict({k: ours[k] for k in expected}, strict=False, assign=False)
+    dropped = [k for k, v in where.items() if v is None]
+    return notes + [f"loaded {len(expected)} tensors"] + (
+        [f"not placed (no rule for them): {_short(unplaced + unknown)}"] if unplaced or unknown else []) + (
+        [f"deliberately dropped: {_short(dropped)}"] if dropped else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect: what is in a file, and where each tensor would go
+
+
+def inspect(path) -> tuple[list[str], list[tuple[str, tuple, str, str]]]:
+    """Any file or directory the converter reads -> (notes, rows of (name, shape, dtype, destination)).
+    Destination is our key, 'dropped' (known, deliberately not imported) or 'UNPLACED'."""
+    path = Path(path)
+    if path.is_dir():
+        return _inspect_dir(path)
+    if path.suffix == ".nemo":
+        archive = NemoArchive(path)
+        target, sd = archive.target, archive.state_dict()
+        archive.close()
+        table = (NEMO_SORTFORMER_KEYS if target.endswith(NEMO_SORTFORMER_TARGETS) else
+                 NEMO_MULTITALKER_KEYS if target.endswith(NEMO_MULTITALKER_TARGETS) else
+                 NEMO_CTC_KEYS | NEMO_SPK_KERNEL_KEYS)
+        return [f"NeMo archive, model class {target}"], _rows(sd, table)
+    if path.suffix == ".safetensors":
+        return ["safetensors file (keys as stored)"], _rows(_safetensors_headers([path]), {"": ""})
+    sd, notes = read_checkpoint(path)
+    return ["torch checkpoint (weights_only)"] + notes, _rows(sd, SPEECHLLM_CKPT_KEYS)
+
+
+def _inspect_dir(path: Path):
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    kind = cfg.get("model_type")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors files to inspect")
+    headers = _safetensors_headers(files)
+    if kind == "qwen2":
+        return [f"Hugging Face Qwen2 directory ({len(files)} file(s)); in a Speech-LLM these sit under llm."], \
+            _rows(headers, {"": "llm."})
+    if kind == "nemo_speechlm":
+        return ["NeMo SALM directory"], _rows(headers, SPEECHLLM_CKPT_KEYS)
+    return [f"speechllm directory, model_type {kind}"], _rows(headers, {"": ""})
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _safetensors_headers(files) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    return out
+
+
+def _rows(sd: dict, table: dict):
+    _, where, unplaced = place(table, sd)
+    rows = []
+    for name, v in sd.items():
+        shape, dtype = (tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, torch.Tensor) else v
+        dest = "UNPLACED" if name in unplaced else (where[name] or "dropped")
+        rows.append((name, shape, dtype, dest))
+    return rows

@@ -27,6 +27,8 @@ from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
 from .projector import ProjectorConfig, build_projector
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
+from .speaker import init_weights as init_speaker_kernels
 from .tokenizer import TAGS, Tokenizer, format_chat
 
 IGNORE = -100  # label of positions that carry no loss
@@ -56,6 +58,7 @@ class SpeechLLMConfig:
     llm: Qwen2Config
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tag_loss_weight: float = 5.0  # seed 000: the tag token's cross-entropy counts 5x
+    speaker: SpeakerKernelConfig | None = None  # speaker kernels in the encoder; None: none
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +66,7 @@ class SpeechLLMConfig:
             "preprocessor": self.preprocessor.to_dict(), "encoder": self.encoder.to_dict(),
             "projector": self.projector.to_dict(), "llm": self.llm.to_hf(),
             "prompt": asdict(self.prompt), "tag_loss_weight": self.tag_loss_weight,
+            "speaker_kernels": self.speaker.to_dict() if self.speaker else None,
         }
 
     @classmethod
@@ -77,6 +81,7 @@ class SpeechLLMConfig:
             llm=Qwen2Config.from_hf(d["llm"]),
             prompt=PromptConfig(**{k: v for k, v in d.get("prompt", {}).items() if k in known}),
             tag_loss_weight=d.get("tag_loss_weight", 5.0),
+            speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if d.get("speaker_kernels") else None,
         )
 
 
@@ -86,6 +91,9 @@ class SpeechLLM(nn.Module):
         self.cfg = cfg
         self.preprocessor = LogMelFrontend(cfg.preprocessor)
         self.encoder = FastConformer(cfg.encoder)
+        self.spk_kernels = self.bg_spk_kernels = None
+        if cfg.speaker is not None:  # top-level, so the keys are NeMo's: spk_kernels.<L>.0.weight, ...
+            self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg.speaker, cfg.encoder.d_model, cfg.encoder.n_layers)
         self.projector = build_projector(cfg.projector)
         self.llm = Qwen2ForCausalLM(cfg.llm)
         self.tokenizer = tokenizer
@@ -98,10 +106,18 @@ class SpeechLLM(nn.Module):
 
     # -- audio side ------------------------------------------------------------------------------
 
-    def embed_audio(self, audio: torch.Tensor, lengths: torch.Tensor, layer_hook=None):
-        """audio (B, N), lengths (B,) samples -> audio embeddings (B, T', D), lengths (B,)."""
+    def embed_audio(self, audio: torch.Tensor, lengths: torch.Tensor, spk_targets=None, bg_spk_targets=None):
+        """audio (B, N), lengths (B,) samples -> audio embeddings (B, T', D), lengths (B,).
+
+        spk_targets / bg_spk_targets (B, T) are the target speaker's and the other speakers' activity
+        per 80 ms encoder frame (speaker.py); None gives NeMo's single-speaker defaults."""
         feats, feat_lens = self.preprocessor(audio, lengths)
-        x, lens = self.encoder(feats, feat_lens, layer_hook=layer_hook)  # (B, T, D_enc)
+        hook = None
+        if self.spk_kernels is not None:
+            hook = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
+        elif spk_targets is not None:
+            raise ValueError("this Speech-LLM has no speaker kernels, so it cannot take speaker activity")
+        x, lens = self.encoder(feats, feat_lens, layer_hook=hook)  # (B, T, D_enc)
         return self.projector(x, lens)  # (B, T', D)
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -155,13 +171,14 @@ class SpeechLLM(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
 
-    def forward(self, audio, lengths, transcripts: list[str | None], tags: list[str | None], layer_hook=None):
+    def forward(self, audio, lengths, transcripts: list[str | None], tags: list[str | None],
+                spk_targets=None, bg_spk_targets=None):
         """Training loss: token cross-entropy over the assistant's answer (transcript, tag, <|im_end|>);
         the prompt and audio positions carry none. The tag token weighs `tag_loss_weight`, every other
         answer token 1, and the loss is sum(w * ce) / sum(w) over the batch: a weighted token mean, so
         long transcripts count more than short ones, as in NeMo SALM's token-level mean.
         Returns (loss, stats) with the plain token loss and the tag loss for logging."""
-        audio_embeds, audio_lens = self.embed_audio(audio, lengths, layer_hook)
+        audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
         prompt = self.prompt_ids()
         rows, labels, weights = [], [], []
         for transcript, tag in zip(transcripts, tags):
@@ -191,12 +208,12 @@ class SpeechLLM(nn.Module):
     # -- inference -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict(self, audio, lengths, max_new_tokens: int = 64, layer_hook=None) -> list[dict]:
+    def predict(self, audio, lengths, max_new_tokens: int = 64, spk_targets=None, bg_spk_targets=None) -> list[dict]:
         """audio (B, N), lengths (B,) -> per clip: transcript, tag, probs (softmax over the tag logits
         at the tag position), tag_mass (their share of the full-vocabulary softmax), tag_forced (the
         model closed its answer without a tag, so the tag was read at its last step), timings (s)."""
         t0 = time.perf_counter()
-        audio_embeds, audio_lens = self.embed_audio(audio, lengths, layer_hook)
+        audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
         t1 = time.perf_counter()
         B = len(audio_lens)
         inputs, mask, _ = self.splice(audio_embeds, audio_lens, [self.prompt_ids()] * B)
@@ -286,7 +303,7 @@ def check_state(found: dict, expected: dict, where) -> None:
 
 
 def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | None = None, prompt: PromptConfig | None = None,
-             seed: int = 0) -> SpeechLLM:
+             speaker: SpeakerKernelConfig | None = None, seed: int = 0) -> SpeechLLM:
     """A fresh Speech-LLM, the Stage-1 starting point: the preprocessor and encoder of a NeMo
     FastConformer archive, a Hugging Face Qwen2 directory, a new projector, and the <audio> and tag
     tokens. Pretrained weights are kept as they are; only new parameters are initialised."""
@@ -300,11 +317,17 @@ def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | None = None, pr
     fit_embeddings(llm, tok)
     d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
     projector = projector or ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
-    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt)
+    speaker = speaker or asr.cfg.speaker  # an archive's own kernels come along, trained
+    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=speaker)
     with torch.device("meta"):
         model = SpeechLLM(cfg, tok, asr.tokenizer_model)
     model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
     torch.manual_seed(seed)
+    if speaker is not None and asr.cfg.speaker == speaker:
+        model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
+    elif speaker is not None:
+        model.spk_kernels, model.bg_spk_kernels = build_kernels(speaker, asr.cfg.encoder.d_model, asr.cfg.encoder.n_layers)
+        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
     model.projector = build_projector(projector)
     model.projector.init_weights()
     init_new_token_rows(llm, [model.audio_id, *model.tag_ids])
