@@ -1,0 +1,137 @@
+"""infer.py end to end on a tiny random Speech-LLM. Run: python -m pytest -q tests/test_infer.py"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechllm.asr import pad_batch
+from speechllm.metrics import classification_report
+from speechllm.model import SpeechLLM, assemble
+from speechllm.speaker import SpeakerKernelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TAGS = ["<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>"]
+
+
+@pytest.fixture(scope="module")
+def setup(fixtures, tmp_path_factory):
+    """A tiny model whose tag rows differ (so clips get different tags) and six labelled clips."""
+    tmp = tmp_path_factory.mktemp("infer")
+    model = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", prompt=None, seed=3)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        w = model.llm.model.embed_tokens.weight
+        w[model.tag_ids] += 0.5 * torch.randn(3, w.shape[1], generator=g)
+        model.projector.conv.weight.mul_(20)  # make the audio matter to the tag
+    model.save_pretrained(tmp / "ckpt")
+    base, _ = sf.read(fixtures / "audio_0.wav", dtype="float32")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(6):
+        clip = np.roll(base, 1000 * i)[: 16000 + 1500 * i] * (0.3 + 0.1 * i) + 0.01 * rng.standard_normal(16000 + 1500 * i).astype(np.float32)
+        sf.write(tmp / f"clip{i}.wav", clip, 16000)
+        lines.append(json.dumps({"audio_filepath": f"clip{i}.wav", "duration": len(clip) / 16000, "label": TAGS[i % 3][1:-1]}))
+    (tmp / "test.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp, SpeechLLM.from_pretrained(tmp / "ckpt")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def predictions(model, paths):
+    clips = [sf.read(p, dtype="float32")[0] for p in paths]
+    return [model.predict(*pad_batch([c]), max_new_tokens=8)[0] for c in clips]
+
+
+def test_lines_and_json(setup):
+    tmp, model = setup
+    paths = [str(tmp / "clip0.wav"), str(tmp / "clip1.wav")]
+    r = run(*paths, "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    want = predictions(model, paths)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    for line, path, w in zip(lines, paths, want):
+        name, tag_prob, others, transcript = line.split("\t")
+        tag, prob = tag_prob.split()
+        assert name == path and tag == w["tag"] and abs(float(prob) - w["probs"][tag]) < 2e-3
+        assert others.startswith("(") and len(others.split(",")) == 2
+    r = run(*paths, "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32", "--max-new-tokens", "8", "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["audio"] for row in rows] == paths
+    assert all(set(row["probs"]) == set(TAGS) and abs(sum(row["probs"].values()) - 1) < 1e-5 for row in rows)
+
+
+def test_manifest_metrics_equal_hand_computed(setup):
+    tmp, model = setup
+    r = run("--manifest", str(tmp / "test.jsonl"), "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32",
+            "--max-new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.splitlines()[-1])
+    preds = [p["tag"] for p in predictions(model, [tmp / f"clip{i}.wav" for i in range(6)])]
+    labels = [TAGS[i % 3] for i in range(6)]
+    assert len(set(preds)) > 1  # the tiny model is not constant, so the metrics mean something
+    # By hand, independent of metrics.py.
+    acc = sum(p == t for p, t in zip(preds, labels)) / 6
+    f1s = []
+    for c in TAGS:
+        tp = sum(p == c and t == c for p, t in zip(preds, labels))
+        prec = tp / max(1, sum(p == c for p in preds))
+        rec = tp / sum(t == c for t in labels)
+        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    cutoff = sum(p == "<COMPLETE>" for p, t in zip(preds, labels) if t == "<INCOMPLETE>") / 2
+    takeover = sum(p == "<COMPLETE>" for p, t in zip(preds, labels) if t == "<BACKCHANNEL>") / 2
+    assert abs(report["accuracy"] - acc) < 1e-9 and abs(report["macro_f1"] - sum(f1s) / 3) < 1e-9
+    assert abs(report["false_cutoff_rate"] - cutoff) < 1e-9 and abs(report["backchannel_takeover_rate"] - takeover) < 1e-9
+    assert report["confusion"] == classification_report(labels, preds)["confusion"]
+    text = run("--manifest", str(tmp / "test.jsonl"), "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32",
+               "--max-new-tokens", "8").stdout
+    assert "macro-F1" in text and "false cut-off" in text and "confusion" in text
+
+
+def test_bad_inputs(setup):
+    tmp, _ = setup
+    (tmp / "bad.jsonl").write_text('{"audio_filepath": "clip0.wav", "label": "COMPLETE"}\n{"audio_filepath": \n')
+    r = run("--manifest", str(tmp / "bad.jsonl"), "--checkpoint", str(tmp / "ckpt"))
+    assert r.returncode == 1 and "bad.jsonl:2" in r.stderr
+    (tmp / "label.jsonl").write_text('{"audio_filepath": "clip0.wav", "label": "DONE"}\n')
+    r = run("--manifest", str(tmp / "label.jsonl"), "--checkpoint", str(tmp / "ckpt"))
+    assert r.returncode == 1 and "label.jsonl:1" in r.stderr and "DONE" in r.stderr
+    sf.write(tmp / "long.wav", np.zeros(16000 * 3, dtype=np.float32), 16000)
+    r = run(str(tmp / "long.wav"), "--checkpoint", str(tmp / "ckpt"), "--max-seconds", "2")
+    assert r.returncode == 1 and "long.wav" in r.stderr and "max-seconds" in r.stderr
+    r = run("--checkpoint", str(tmp / "ckpt"))
+    assert r.returncode == 2
+
+
+def test_speaker_kernels_follow_the_hand_computation(fixtures):
+    model = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", speaker=SpeakerKernelConfig(layers=(0, 1)))
+    with torch.no_grad():
+        for p in list(model.spk_kernels.parameters()) + list(model.bg_spk_kernels.parameters()):
+            p.normal_(std=0.1)
+    audio, lens = pad_batch([sf.read(fixtures / "audio_1.wav", dtype="float32")[0]])
+    s = torch.rand(1, 21)
+    g = 1 - s
+    with torch.no_grad():
+        got, _ = model.embed_audio(audio, lens, s, g)
+        enc = model.encoder
+        feats, flens = model.preprocessor(audio, lens)
+        x, elens = enc.pre_encode(feats, flens)
+        x = x * 8.0  # xscale: sqrt(d_model = 64)
+        from speechllm.fastconformer import rel_positions
+        pos = rel_positions(x.shape[1], 64)
+        for i, layer in enumerate(enc.layers):
+            k, kb = model.spk_kernels[str(i)], model.bg_spk_kernels[str(i)]
+            x = x + k[3](torch.relu(k[0](x * s[..., None])))
+            x = x + kb[3](torch.relu(kb[0](x * g[..., None])))
+            x = layer(x, pos, None, None)
+        want, _ = model.projector(x, elens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="speaker"):
+        assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf").embed_audio(audio, lens, s, g)
