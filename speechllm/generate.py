@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from speechllm.qwen2 import KVCache, Qwen2ForCausalLM
+from .qwen2 import KVCache, Qwen2ForCausalLM
 
 
 class Generation(NamedTuple):
@@ -36,7 +36,8 @@ def top_p_filter(logits, top_p: float):
     cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop = cum_probs <= 1 - top_p
     drop[..., -1] = False  # the most likely token always survives
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    drop = torch.zeros_like(drop).scatter(-1, order, drop)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

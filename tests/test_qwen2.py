@@ -242,15 +242,16 @@ def test_sharded_checkpoint(tmp_path, model, ref, hf_config, hf_weights):
         Qwen2ForCausalLM.from_pretrained(tmp_path)
 
 
-def test_bf16_weights(tmp_path, hf_config, hf_weights):
-    write_dir(tmp_path, hf_config | {"torch_dtype": "bfloat16"},
-              {k: v.bfloat16() for k, v in hf_weights.items()})
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(tmp_path, hf_config, hf_weights, stored):
+    write_dir(tmp_path, hf_config | {"torch_dtype": str(stored).removeprefix("torch.")},
+              {k: v.to(stored) for k, v in hf_weights.items()})
     kept = Qwen2ForCausalLM.from_pretrained(tmp_path)
-    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in kept.parameters()} == {stored}
     upcast = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     for name, p in upcast.state_dict().items():
         source = hf_weights["model.embed_tokens.weight" if name == "lm_head.weight" else name]
-        assert p.dtype == torch.float32 and torch.equal(p, source.bfloat16().float()), name
+        assert p.dtype == torch.float32 and torch.equal(p, source.to(stored).float()), name
 
 
 def test_v5_config(tmp_path, model, ref, hf_config, fixtures):
