@@ -4,6 +4,7 @@
     python convert_weights.py nemo parakeet-ctc-0.6b.nemo checkpoints/parakeet          # ASR / diarizer
     python convert_weights.py assemble --encoder parakeet.nemo --llm Qwen2.5-0.5B --out checkpoints/stage1
     python convert_weights.py checkpoint step_3000.pt --base checkpoints/stage1 --config config.yaml --out checkpoints/tt
+    python convert_weights.py salm canary-qwen/ --out checkpoints/salm                  # NeMo SALM directory
     python convert_weights.py inspect step_3000.pt
 """
 import argparse
@@ -63,6 +64,14 @@ def run_checkpoint(args):
     return model, args.out
 
 
+def run_salm(args):
+    from speechllm.salm import load_salm
+
+    model = load_salm(args.salm_dir, args.prompt)
+    model.save_pretrained(args.out)
+    return model, args.out
+
+
 def run_inspect(args):
     notes, rows = inspect(args.path)
     for note in notes:
@@ -107,6 +116,15 @@ def main(argv=None) -> int:
     p.add_argument("--llm", help="instead of --base: the Qwen2 directory the LLM came from")
     p.add_argument("--config", help="the run's config.yaml (read for model.lora r / lora_alpha to merge LoRA)")
     p.set_defaults(run=run_checkpoint)
+
+    p = sub.add_parser("salm", formatter_class=FORMATTER,
+                       help="a NeMo speechlm2 SALM directory (config.json, model.safetensors, tokenizer.json, "
+                            "llm_backbone/config.json, as SALM.save_pretrained writes it) into a Speech-LLM directory")
+    p.add_argument("salm_dir", help="the SALM directory (read in place)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--prompt", help="the default user prompt, holding the audio tag once "
+                                    "(default: 'Transcribe the following: <tag>')")
+    p.set_defaults(run=run_salm)
 
     p = sub.add_parser("inspect", formatter_class=FORMATTER,
                        help="list tensors, shapes, dtypes and where each would go, for any file the converter reads")

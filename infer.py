@@ -22,6 +22,8 @@ from speechllm.audio import SAMPLE_RATE, AudioError, load_audio
 from speechllm.data import ManifestError, read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import SpeechLLM
+from speechllm.pipeline import clip_segments, parse_target, predict_with_diarizer, predict_with_rttm, rttm_file_id
+from speechllm.speaker import read_rttm
 from speechllm.sortformer import SortFormer, format_rttm, probs_to_segments
 
 DEMO = Path(__file__).resolve().parent / "checkpoints" / "demo"
@@ -41,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer clips (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="diarizer: speaker activity threshold (default: %(default)s)")
     p.add_argument("--min-duration", type=float, default=0.0, help="diarizer: drop shorter segments, seconds (default: %(default)s)")
+    p.add_argument("--diarizer", help="SortFormer checkpoint directory: speaker activity for a Speech-LLM with speaker kernels")
+    p.add_argument("--rttm", help="RTTM file with the speakers' turns, instead of --diarizer (file id: the audio "
+                                  "file's name without extension)")
+    p.add_argument("--target-speaker", type=parse_target, default="auto", metavar="N|auto",
+                   help="whose turn to judge: a speaker index in arrival order, or auto, the one talking when talk "
+                        "stops; the others are the background (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -80,8 +88,9 @@ def load_clips(items, max_seconds: float, min_samples: int):
     return clips, failed
 
 
-def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args) -> dict:
-    """{name: samples} -> {name: result}; batches hold clips of similar length."""
+def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, speakers=None) -> dict:
+    """{name: samples} -> {name: result}; batches hold clips of similar length. speakers: a SortFormer,
+    or {name: RTTM segments}, for a Speech-LLM with speaker kernels."""
     names = sorted(clips, key=lambda n: -len(clips[n]))
     results = {}
     bar = tqdm(total=len(names), unit="clip", disable=len(names) <= batch_size, file=sys.stderr)
@@ -96,7 +105,14 @@ def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args) 
             results.update(zip(chunk, ({"text": t} for t in model.transcribe([clips[n] for n in chunk]))))
         else:
             audio, lengths = pad_batch([clips[n] for n in chunk])
-            results.update(zip(chunk, model.predict(audio.to(device), lengths.to(device), max_new_tokens)))
+            audio, lengths = audio.to(device), lengths.to(device)
+            if isinstance(speakers, SortFormer):
+                out = predict_with_diarizer(model, speakers, audio, lengths, args.target_speaker, max_new_tokens, args.threshold)
+            elif speakers is not None:
+                out = predict_with_rttm(model, audio, lengths, [speakers[n] for n in chunk], args.target_speaker, max_new_tokens)
+            else:
+                out = model.predict(audio, lengths, max_new_tokens)
+            results.update(zip(chunk, out))
         bar.update(len(chunk))
     bar.close()
     return results
@@ -110,7 +126,8 @@ def show(name: str, r: dict, as_json: bool) -> str:
     if "tag" not in r:
         return f"{name}\t{r['text']}"
     others = ", ".join(f"{t.strip('<>')} {p:.3f}" for t, p in r["probs"].items() if t != r["tag"])
-    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others})\t{r['transcript']!r}"
+    who = f"\tspeaker {r['speaker']}" if "speaker" in r else ""
+    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others})\t{r['transcript']!r}{who}"
 
 
 def main(argv=None) -> int:
@@ -126,6 +143,12 @@ def main(argv=None) -> int:
         utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
+        if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:
+            raise ValueError(f"{path}: --diarizer and --rttm need a Speech-LLM checkpoint with speaker kernels")
+        if args.diarizer and args.rttm:
+            raise ValueError("give --diarizer or --rttm, not both")
+        rttm = read_rttm(args.rttm) if args.rttm else None
+        diarizer = SortFormer.from_pretrained(args.diarizer).to(args.device) if args.diarizer else None
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -133,7 +156,14 @@ def main(argv=None) -> int:
         print(f"using the bundled demo model ({DEMO}): trained on synthetic espeak-ng speech only", file=sys.stderr)
     items = [(p, p, 0.0, None) for p in args.audio] + [(f"{u.audio}@{u.offset:g}", u.audio, u.offset, u.duration) for u in utts]
     clips, failed = load_clips(items, args.max_seconds, model.cfg.preprocessor.hop_length)
-    results = run(model, clips, args.batch_size, args.max_new_tokens, args.device, args)
+    speakers = diarizer
+    if rttm is not None:  # each clip's turns, in seconds from its start
+        try:
+            speakers = {name: clip_segments(rttm, rttm_file_id(p), offset, dur) for name, p, offset, dur in items}
+        except ValueError as e:
+            print(f"error: {args.rttm}: {e}", file=sys.stderr)
+            return 1
+    results = run(model, clips, args.batch_size, args.max_new_tokens, args.device, args, speakers)
     for name, *_ in items[: len(args.audio)]:
         if name in results:
             print(show(name, results[name], args.json))

@@ -5,6 +5,7 @@ from .fastconformer import FastConformer, FastConformerConfig
 from .model import PromptConfig, SpeechLLM, SpeechLLMConfig, assemble
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .salm import load_salm
 from .sortformer import SortFormer
 from .speaker import SpeakerKernelConfig
 from .tokenizer import Tokenizer

@@ -342,3 +342,24 @@ def init_new_token_rows(llm: Qwen2ForCausalLM, ids: list[int]) -> None:
     heads = [llm.model.embed_tokens.weight] + ([] if llm.config.tie_word_embeddings else [llm.lm_head.weight])
     for w in heads:
         w[ids] = w[:first].float().mean(0).to(w.dtype)
+
+
+def from_scratch(cfg: SpeechLLMConfig, tokenizer: Tokenizer, seed: int = 0) -> SpeechLLM:
+    """A Speech-LLM with every weight new (small models such as the synthetic-speech demo).
+    Encoder: PyTorch's default init, as NeMo builds a FastConformer. LLM: N(0, 0.02) for linear and
+    embedding weights, zero biases, unit norms (transformers' initializer_range). Projector and
+    speaker kernels: their own init_weights."""
+    torch.manual_seed(seed)
+    model = SpeechLLM(cfg, tokenizer)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(std=0.02)
+    model.projector.init_weights()
+    if model.spk_kernels is not None:
+        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
+    return model

@@ -122,3 +122,18 @@ def fit_embeddings(model, tokenizer: Tokenizer) -> int:
     unlike transformers' resize_token_embeddings(len(tokenizer))."""
     model.grow_vocab(len(tokenizer))
     return model.config.vocab_size
+
+
+def train_tokenizer(texts, vocab_size: int = 512) -> Tokenizer:
+    """A byte-level BPE trained on `texts`, with Qwen's special tokens (<|endoftext|>, <|im_start|>,
+    <|im_end|>) and ours: for small models trained from scratch, such as the synthetic-speech demo."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return Tokenizer(tok)
