@@ -104,7 +104,7 @@ def test_cached_decoding_matches_full_forward(model, ref):
     valid = mask.bool()
     assert cache.length == 24
     # Different kernels (SDPA on 1 query vs 24) round differently: transformers' own cached vs
-    # full difference on this batch is 6e-6, ours 1.3e-5.
+    # full difference on this batch is 6e-6, ours 8e-6.
     assert max_diff(cached[valid], full[valid]) < 5e-5
     assert max_diff(cached[valid], ref["batch.logits"][valid]) < TOL
 
