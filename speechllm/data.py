@@ -6,6 +6,7 @@ decoding in DataLoader workers, and the epoch plan that every rank shares.
 
 `audio_filepath` relative paths are resolved against the manifest's folder. `label` may be written
 with or without angle brackets; it is stored as the tag token ("<INCOMPLETE>"). Optional fields:
+`speakers` ([start, end, speaker] in seconds from the clip's start, i.e. after `offset`),
 `target_speaker` (whose turn it is, for the speaker kernels; default the first to speak) and
 `llm_label` / `ten_label` (the two annotators, for the BC-priority filter). Every problem is
 reported with the manifest's path and line number before anything is trained or scored.
@@ -135,7 +136,7 @@ def load_split(paths, task: str, cfg, train: bool, seed: int = 0) -> Split:
     report["dropped_duration"] = len(items) - len(keep)
     if task == "turntaking":
         keep, report["dropped_confidence"], report["dropped_conflict"] = filter_labels(
-            [items[i] for i in keep], keep, cfg.tt_confidence_threshold, cfg.bc_priority)
+            items, keep, cfg.tt_confidence_threshold, cfg.bc_priority)
         if train and cfg.complete_ratio is not None:
             before = len(keep)
             keep = downsample_complete(items, keep, cfg.complete_ratio, seed)
@@ -165,15 +166,16 @@ def check_item(u: Utterance, task: str) -> None:
 
 def filter_labels(items: list[Utterance], index: list[int], threshold: float | None,
                   bc_priority: bool) -> tuple[list[int], int, int]:
-    """Seed 000's label filters over items (with their indices) -> (kept indices, dropped for low
-    confidence, dropped as conflicts).
+    """Seed 000's label filters over items[index] -> (kept indices, dropped for low confidence,
+    dropped as conflicts).
 
     threshold: COMPLETE and INCOMPLETE need tt_confidence >= threshold (the TEN agreement); clips
     without a confidence are kept, BACKCHANNEL is never filtered. bc_priority: where the manifest
     has both `llm_label` and `ten_label` and they disagree, a BACKCHANNEL from either wins (the
     label becomes BACKCHANNEL); a COMPLETE/INCOMPLETE disagreement is dropped."""
     kept, low, conflict = [], 0, 0
-    for i, u in zip(index, items):
+    for i in index:
+        u = items[i]
         llm, ten = u.extra.get("llm_label"), u.extra.get("ten_label")
         if bc_priority and llm is not None and ten is not None and normalize_label(llm) != normalize_label(ten):
             if BACKCHANNEL not in (normalize_label(llm), normalize_label(ten)):
