@@ -38,7 +38,8 @@ from speechllm.metrics import classification_report, wer
 from speechllm.model import PromptConfig, SpeechLLM, assemble
 from speechllm.optim import build_optimizer, get_lr, set_train_mode, setup_trainable, trainable_table
 from speechllm.projector import ProjectorConfig, build_projector
-from speechllm.speaker import SpeakerKernelConfig, batch_target_masks, build_kernels
+from speechllm.pipeline import auto_target
+from speechllm.speaker import SpeakerKernelConfig, batch_target_masks, build_kernels, speaker_activity
 from speechllm.speaker import init_weights as init_speaker_kernels
 from speechllm.train_config import load_config
 
@@ -138,10 +139,13 @@ def speaker_masks(model: SpeechLLM, batch: dict, device):
         return None, None
     frames = model.encoder.output_lengths(feature_lengths(batch["lengths"], model.cfg.preprocessor)).tolist()
     segments, who = [], []
-    for segs, target, dur in zip(batch["speakers"], batch["target_speaker"], batch["duration"]):
+    for segs, target, dur, t in zip(batch["speakers"], batch["target_speaker"], batch["duration"], frames):
         segs = [tuple(s) for s in segs] if segs else [(0.0, dur, "target")]
         segments.append(segs)
-        who.append(target if target is not None else min(segs)[2])  # default: the first to speak
+        if target is None:  # the one talking when talk stops: infer.py's --target-speaker auto, same rule
+            activity, names = speaker_activity(segs, t, dur)
+            target = names[auto_target(activity.T)]
+        who.append(target)
     s, g = batch_target_masks(segments, who, frames, list(batch["duration"]))
     return s.to(device), g.to(device)
 

@@ -7,7 +7,8 @@ decoding in DataLoader workers, and the epoch plan that every rank shares.
 `audio_filepath` relative paths are resolved against the manifest's folder. `label` may be written
 with or without angle brackets; it is stored as the tag token ("<INCOMPLETE>"). Optional fields:
 `speakers` ([start, end, speaker] in seconds from the clip's start, i.e. after `offset`),
-`target_speaker` (whose turn it is, for the speaker kernels; default the first to speak) and
+`target_speaker` (whose turn it is, for the speaker kernels; default: the speaker still talking
+when talk stops, the same rule as inference's `--target-speaker auto`) and
 `llm_label` / `ten_label` (the two annotators, for the BC-priority filter). Every problem is
 reported with the manifest's path and line number before anything is trained or scored.
 
