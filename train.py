@@ -125,11 +125,7 @@ def targets(batch: dict, task: str):
 
 def loss_weight(model: SpeechLLM, transcripts, tags) -> float:
     """sum of model.forward's token weights: 1 per answer token, tag_loss_weight for the tag."""
-    total = 0.0
-    for text, tag in zip(transcripts, tags):
-        answer, tag_at = model.answer_ids(text, tag)
-        total += len(answer) + (model.cfg.tag_loss_weight - 1 if tag_at is not None else 0)
-    return total
+    return sum(sum(model.answer_weights(*model.answer_ids(text, tag))) for text, tag in zip(transcripts, tags))
 
 
 def speaker_masks(model: SpeechLLM, batch: dict, device):

@@ -138,6 +138,13 @@ class SpeechLLM(nn.Module):
             return (self.tokenizer.encode(transcript.strip()) if transcript else []) + [self.tokenizer.im_end_id], None
         return text + [self.tokenizer.token_to_id(tag), self.tokenizer.im_end_id], len(text)
 
+    def answer_weights(self, answer: list[int], tag_at: int | None) -> list[float]:
+        """Loss weight of each answer token: tag_loss_weight for the tag, 1 for the others."""
+        w = [1.0] * len(answer)
+        if tag_at is not None:
+            w[tag_at] = self.cfg.tag_loss_weight
+        return w
+
     def splice(self, audio_embeds, audio_lens, rows: list[list[int]], labels: list[list[int]] | None = None):
         """Replace the <audio> id of each row by that row's valid audio frames; left-pad the batch.
 
@@ -185,17 +192,16 @@ class SpeechLLM(nn.Module):
             answer, tag_at = self.answer_ids(transcript, tag)
             rows.append(prompt + answer)
             labels.append([IGNORE] * len(prompt) + answer)
-            w = [1.0] * len(answer)
-            if tag_at is not None:
-                w[tag_at] = self.cfg.tag_loss_weight
-            weights.append(w)
+            weights.append(self.answer_weights(answer, tag_at))
         inputs, mask, pos, target = self.splice(audio_embeds, audio_lens, rows, labels)
         h = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, return_hidden=True)  # (B, L, D)
         # The token at t is predicted from position t - 1. The head (D x V, V = 152k) runs only on
         # the few answer positions, not on the whole sequence.
         target = target[:, 1:]
         sel = target != IGNORE
-        logits = self.llm.lm_head(h[:, :-1][sel]).float()  # (n_answer, V)
+        # float32 at least (bf16 logits would round the loss); float64 stays float64 for exactness tests
+        logits = self.llm.lm_head(h[:, :-1][sel])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n_answer, V)
         ce = F.cross_entropy(logits, target[sel], reduction="none")
         w = torch.tensor([x for row in weights for x in row], device=ce.device)
         # Answers sit at the end of each left-padded row, so the row-major order of `sel` is the

@@ -358,3 +358,20 @@ def test_config_errors_and_help(tmp_path, fixtures, capsys):
     with pytest.raises(SystemExit) as e:
         run("--help")
     assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_default_target_speaker_is_the_one_talking_when_talk_stops(fixtures):
+    """Training picks the same speaker as infer.py's --target-speaker auto: B, who talks last."""
+    from speechllm.model import assemble
+    from speechllm.speaker import SpeakerKernelConfig, target_masks
+
+    model = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", speaker=SpeakerKernelConfig(layers=(0,)))
+    segs = [[0.0, 0.6, "A"], [0.5, 1.3, "B"]]
+    batch = {"speakers": [segs, segs], "target_speaker": [None, "A"], "duration": [1.6, 1.6],
+             "lengths": torch.tensor([25600, 25600])}
+    s, g = train.speaker_masks(model, batch, "cpu")
+    t = s.shape[1]
+    for i, who in enumerate(["B", "A"]):
+        want_s, want_g = target_masks([tuple(x) for x in segs], who, t, 1.6)
+        assert torch.equal(s[i], want_s) and torch.equal(g[i], want_g)
+    assert not torch.equal(s[0], s[1])
