@@ -127,7 +127,8 @@ def show(name: str, r: dict, as_json: bool) -> str:
         return f"{name}\t{r['text']}"
     others = ", ".join(f"{t.strip('<>')} {p:.3f}" for t, p in r["probs"].items() if t != r["tag"])
     who = f"\tspeaker {r['speaker']}" if "speaker" in r else ""
-    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others})\t{r['transcript']!r}{who}"
+    text = f"\t{r['transcript']!r}" if r["transcript"] else ""  # tag_only models write none
+    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others}){text}{who}"
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,8 @@ def test_lines_and_json(setup):
     lines = r.stdout.splitlines()
     assert len(lines) == 2
     for line, path, w in zip(lines, paths, want):
-        name, tag_prob, others, transcript = line.split("\t")
+        name, tag_prob, others, *text = line.split("\t")
+        assert text == ([repr(w["transcript"])] if w["transcript"] else [])
         tag, prob = tag_prob.split()
         assert name == path and tag == w["tag"] and abs(float(prob) - w["probs"][tag]) < 2e-3
         assert others.startswith("(") and len(others.split(",")) == 2
