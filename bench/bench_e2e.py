@@ -13,15 +13,13 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from bench_encoder import REFERENCE_GFLOPS, matmul_gflops
+from bench_encoder import REFERENCE_GFLOPS, matmul_gflops, per_dtype_processes
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
@@ -95,11 +93,8 @@ def main():
     if len(args.dtype) == 1:
         print(json.dumps(run_dtype(args)))
         return
-    out = []
-    for dtype in args.dtype:
-        cmd = [sys.executable, __file__, "--dtype", dtype, "--seconds", str(args.seconds), "--runs", str(args.runs),
-               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-        out.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+    out = per_dtype_processes(__file__, args.dtype, ["--seconds", str(args.seconds), "--runs", str(args.runs),
+                                                     "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)])
     print(json.dumps({"benchmark": "e2e", "model": "parakeet-0.6b + projector + Qwen2.5-0.5B, random weights",
                       "by_dtype": out}, indent=1))
 

@@ -85,6 +85,14 @@ def run_dtype(args) -> dict:
     }
 
 
+def per_dtype_processes(script: str, dtypes: list[str], args: list[str]) -> list[dict]:
+    """Run `script --dtype D *args` once per dtype, each in a fresh process so that its peak RSS is
+    its own, and collect the JSON each prints."""
+    runs = [subprocess.run([sys.executable, script, "--dtype", d, *args], check=True, capture_output=True, text=True)
+            for d in dtypes]
+    return [json.loads(r.stdout) for r in runs]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
@@ -96,11 +104,8 @@ def main():
     if len(args.dtype) == 1:
         print(json.dumps(run_dtype(args)))
         return
-    out = []
-    for dtype in args.dtype:
-        cmd = [sys.executable, __file__, "--dtype", dtype, "--runs", str(args.runs), "--threads", str(args.threads),
-               "--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)]
-        out.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+    out = per_dtype_processes(__file__, args.dtype, ["--runs", str(args.runs), "--threads", str(args.threads),
+                                                     "--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)])
     print(json.dumps({"benchmark": "encoder", "model": "parakeet-ctc-0.6b size, random weights", "by_dtype": out},
                      indent=1))
 
