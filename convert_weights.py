@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from speechllm.convert import ConversionError, convert_nemo_any, inspect, load_checkpoint_into
+from speechllm.convert import ConversionError, convert_nemo, inspect, load_checkpoint_into
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -33,7 +33,7 @@ def describe(model) -> str:
 
 
 def run_nemo(args):
-    return convert_nemo_any(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend), args.out_dir
+    return convert_nemo(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend), args.out_dir
 
 
 def run_assemble(args):

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from speechllm.asr import ASRModel, pad_batch, prepare_clip
-from speechllm.audio import SAMPLE_RATE, AudioError, load_audio
-from speechllm.data import ManifestError, read_manifest
+from speechllm.asr import ASRModel, prepare_clip
+from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, pad_batch
+from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import SpeechLLM
 from speechllm.pipeline import clip_segments, parse_target, predict_with_diarizer, predict_with_rttm, rttm_file_id

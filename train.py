@@ -31,15 +31,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from speechllm import checkpoint, dist
-from speechllm.audio import feature_lengths
 from speechllm.data import ClipDataset, EpochPlan, ManifestError, collate, draw_probabilities, load_split
 from speechllm.lora import adapter_names, adapter_state, merged_state_dict
 from speechllm.metrics import classification_report, wer
 from speechllm.model import PromptConfig, SpeechLLM, assemble
 from speechllm.optim import build_optimizer, get_lr, set_train_mode, setup_trainable, trainable_table
 from speechllm.projector import ProjectorConfig, build_projector
-from speechllm.pipeline import auto_target
-from speechllm.speaker import SpeakerKernelConfig, batch_target_masks, build_kernels, speaker_activity
+from speechllm.pipeline import encoder_frames, rttm_masks
+from speechllm.speaker import SpeakerKernelConfig, build_kernels
 from speechllm.speaker import init_weights as init_speaker_kernels
 from speechllm.train_config import load_config
 
@@ -133,16 +132,12 @@ def speaker_masks(model: SpeechLLM, batch: dict, device):
     has no kernels or no clip has segments. A clip without segments is all target speaker."""
     if model.spk_kernels is None or not any(batch["speakers"]):
         return None, None
-    frames = model.encoder.output_lengths(feature_lengths(batch["lengths"], model.cfg.preprocessor)).tolist()
-    segments, who = [], []
-    for segs, target, dur, t in zip(batch["speakers"], batch["target_speaker"], batch["duration"], frames):
-        segs = [tuple(s) for s in segs] if segs else [(0.0, dur, "target")]
-        segments.append(segs)
-        if target is None:  # the one talking when talk stops: infer.py's --target-speaker auto, same rule
-            activity, names = speaker_activity(segs, t, dur)
-            target = names[auto_target(activity.T)]
-        who.append(target)
-    s, g = batch_target_masks(segments, who, frames, list(batch["duration"]))
+    frames = encoder_frames(model, batch["lengths"]).tolist()
+    segments = [[tuple(s) for s in segs] if segs else [(0.0, dur, "target")]
+                for segs, dur in zip(batch["speakers"], batch["duration"])]
+    # No target_speaker: the one talking when talk stops, infer.py's --target-speaker auto.
+    targets = [t if t is not None else "auto" for t in batch["target_speaker"]]
+    s, g, _ = rttm_masks(segments, frames, list(batch["duration"]), targets)
     return s.to(device), g.to(device)
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
-from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio
+from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio, pad_batch
 from .convert import (NEMO_CTC_KEYS, NEMO_CTC_TARGETS, NEMO_MULTITALKER_KEYS, NEMO_MULTITALKER_TARGETS,
                       NEMO_SPK_KERNEL_KEYS, ConversionError, NemoArchive, dropped_keys, read_nemo_tokenizer, remap)
 from .fastconformer import FastConformer, FastConformerConfig
@@ -119,11 +119,8 @@ class ASRModel(nn.Module):
 
         With speaker kernels, spk_targets / bg_spk_targets (B, T) are the target speaker's and the
         other speakers' activity per encoder frame; None gives NeMo's single-speaker defaults."""
-        if self.spk_kernels is not None:
-            kw["layer_hook"] = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
-        elif spk_targets is not None or bg_spk_targets is not None:
-            raise ValueError("this ASRModel has no speaker kernels, so it cannot take speaker targets")
-        return self.encoder(features, lengths, **kw)
+        hook = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
+        return self.encoder(features, lengths, layer_hook=hook, **kw)
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor):
         """audio (B, N), lengths (B,) samples -> CTC log-probs (B, T, vocab+1), lengths (B,)."""
@@ -229,15 +226,6 @@ class ASRModel(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
         if self.tokenizer_model is not None:
             (path / "tokenizer.model").write_bytes(self.tokenizer_model)
-
-
-def pad_batch(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D float arrays -> right-zero-padded (B, N_max) float32 and lengths (B,) int64."""
-    lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
-    audio = torch.zeros(len(clips), int(lengths.max()))
-    for i, c in enumerate(clips):
-        audio[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
-    return audio, lengths
 
 
 def prepare_clip(x, name: str, min_samples: int) -> np.ndarray:

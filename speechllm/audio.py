@@ -96,6 +96,15 @@ def load_audio(path, sample_rate: int = SAMPLE_RATE, offset: float = 0.0, durati
     return x
 
 
+def pad_batch(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D float arrays -> right-zero-padded (B, N_max) float32 and lengths (B,) int64."""
+    lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
+    audio = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        audio[i, : len(c)] = torch.from_numpy(np.asarray(c, dtype=np.float32))
+    return audio, lengths
+
+
 # -----------------------------------------------------------------------------
 # resampling: Kaiser-windowed sinc, polyphase over the reduced ratio old/new = L/M
 

@@ -36,18 +36,26 @@ class ConversionError(ValueError):
     pass
 
 
-def remap(table: dict, source: dict, expected: dict, what: str) -> dict:
-    """Rename `source` keys with `table` (prefix -> prefix or None) and check them against
-    `expected` (our key -> tensor or shape). Raises ConversionError listing every problem."""
-    out, unused, dropped = {}, [], []
+def place(table: dict, source: dict) -> tuple[dict, dict, list[str]]:
+    """Rename `source` keys with `table`: the longest matching prefix is replaced by its target, and a
+    None target drops the key on purpose. -> (our key -> tensor, source key -> our key or None,
+    source keys no prefix matches)."""
+    ours, where, unplaced = {}, {}, []
     for key, tensor in source.items():
         prefix = max((p for p in table if key.startswith(p)), key=len, default=None)
         if prefix is None:
-            unused.append(key)
-        elif table[prefix] is None:
-            dropped.append(key)
-        else:
-            out[table[prefix] + key[len(prefix):]] = tensor
+            unplaced.append(key)
+            continue
+        where[key] = None if table[prefix] is None else table[prefix] + key[len(prefix):]
+        if where[key] is not None:
+            ours[where[key]] = tensor
+    return ours, where, unplaced
+
+
+def remap(table: dict, source: dict, expected: dict, what: str) -> dict:
+    """`place` `source` with `table` and check the result against `expected` (our key -> tensor or
+    shape). Raises ConversionError listing every problem."""
+    out, _, unused = place(table, source)
     missing = sorted(set(expected) - set(out))
     unexpected = sorted(set(out) - set(expected))
     mismatched = [
@@ -155,18 +163,6 @@ def read_nemo_tokenizer(archive: NemoArchive) -> bytes:
     return archive.artifact(ref)
 
 
-def convert_nemo(path, out_dir, legacy_frontend: bool = False):
-    """`.nemo` -> `out_dir` with config.json, model.safetensors and tokenizer.model.
-    Returns the ASRModel it wrote."""
-    from .asr import ASRModel
-
-    model = ASRModel.from_nemo(path, legacy_frontend=legacy_frontend)
-    model.save_pretrained(out_dir)
-    return model
-
-
-
-
 # ----------------------------------------------------------------------------------------------
 # speaker models: SortFormer diarizer, multitalker (speaker-kernel) ASR
 
@@ -206,27 +202,22 @@ NEMO_MULTITALKER_TARGETS = ("EncDecMultiTalkerRNNTBPEModel",)
 
 def dropped_keys(table: dict, source: dict) -> list[str]:
     """Source keys that `table` deliberately leaves out (their longest matching prefix maps to None)."""
-    out = []
-    for key in source:
-        prefix = max((p for p in table if key.startswith(p)), key=len, default=None)
-        if prefix is not None and table[prefix] is None:
-            out.append(key)
-    return out
+    return [k for k, ours in place(table, source)[1].items() if ours is None]
 
 
-def convert_nemo_any(path, out_dir, legacy_frontend: bool = False):
-    """`convert_nemo` for every archive we can import: a SortFormer diarizer becomes a SortFormer
-    directory, anything else goes to ASRModel (which refuses what it cannot read). Returns the model."""
+def convert_nemo(path, out_dir, legacy_frontend: bool = False):
+    """`.nemo` -> `out_dir`: a SortFormer diarizer becomes a SortFormer directory, anything else an
+    ASRModel directory (ASRModel.from_nemo refuses what it cannot read). Returns the model."""
+    from .asr import ASRModel
+    from .sortformer import SortFormer
+
     archive = NemoArchive(path)
     target = archive.target
     archive.close()
-    if target.endswith(NEMO_SORTFORMER_TARGETS):
-        from .sortformer import SortFormer
-
-        model = SortFormer.from_nemo(path, legacy_frontend=legacy_frontend)
-        model.save_pretrained(out_dir)
-        return model
-    return convert_nemo(path, out_dir, legacy_frontend=legacy_frontend)
+    cls = SortFormer if target.endswith(NEMO_SORTFORMER_TARGETS) else ASRModel
+    model = cls.from_nemo(path, legacy_frontend=legacy_frontend)
+    model.save_pretrained(out_dir)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,20 +317,6 @@ def merge_lora(sd: dict, scaling: float | None) -> dict:
     for k in [k for k in sd if ".base_layer." in k]:  # the base biases
         sd[k.replace(".base_layer.", ".")] = sd.pop(k)
     return sd
-
-
-def place(table: dict, sd: dict) -> tuple[dict, dict, list[str]]:
-    """-> (ours: our key -> tensor, where: source key -> our key or None, unplaced source keys)."""
-    ours, where, unplaced = {}, {}, []
-    for key, tensor in sd.items():
-        prefix = max((p for p in table if key.startswith(p)), key=len, default=None)
-        if prefix is None:
-            unplaced.append(key)
-            continue
-        where[key] = None if table[prefix] is None else table[prefix] + key[len(prefix):]
-        if where[key] is not None:
-            ours[where[key]] = tensor
-    return ours, where, unplaced
 
 
 def load_checkpoint_into(model, path, lora_scaling: float | None = None) -> list[str]:

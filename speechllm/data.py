@@ -24,7 +24,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from .audio import load_audio
+from .audio import load_audio, pad_batch
 from .tokenizer import TAGS
 
 COMPLETE, INCOMPLETE, BACKCHANNEL = TAGS
@@ -222,10 +222,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
 def collate(batch: list[dict]) -> dict:
     """Right-pad the clips: audio (B, N) float32 and lengths (B,); other fields as lists."""
-    lengths = torch.tensor([len(b["audio"]) for b in batch], dtype=torch.long)
-    audio = torch.zeros(len(batch), int(lengths.max()))
-    for i, b in enumerate(batch):
-        audio[i, : len(b["audio"])] = torch.from_numpy(b["audio"])
+    audio, lengths = pad_batch([b["audio"] for b in batch])
     out = {k: [b[k] for b in batch] for k in batch[0] if k != "audio"}
     return {**out, "audio": audio, "lengths": lengths}
 

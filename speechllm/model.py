@@ -113,11 +113,7 @@ class SpeechLLM(nn.Module):
         spk_targets / bg_spk_targets (B, T) are the target speaker's and the other speakers' activity
         per 80 ms encoder frame (speaker.py); None gives NeMo's single-speaker defaults."""
         feats, feat_lens = self.preprocessor(audio, lengths)
-        hook = None
-        if self.spk_kernels is not None:
-            hook = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
-        elif spk_targets is not None:
-            raise ValueError("this Speech-LLM has no speaker kernels, so it cannot take speaker activity")
+        hook = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
         x, lens = self.encoder(feats, feat_lens, layer_hook=hook)  # (B, T, D_enc)
         return self.projector(x, lens)  # (B, T', D)
 
@@ -288,7 +284,7 @@ class SpeechLLM(nn.Module):
             model.llm.tie_weights()  # assign=True gave the head its own Parameter object
         if dtype is not None:
             model.to(dtype)
-        model.preprocessor.float()
+        model.preprocessor.float()  # also when the file stored the frontend's buffers in bf16
         return model.eval()
 
     def to(self, *args, **kwargs):

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, feature_lengths, load_audio
-from .speaker import FRAME_S, Segment, masks_from_probs, read_rttm, speaker_activity, target_masks
+from .speaker import FRAME_S, Segment, masks_from_probs, speaker_activity, target_masks
 
 AUTO_WINDOW_S = 0.5  # "auto" compares the speakers over this much audio before talk stops
 
@@ -144,14 +144,19 @@ def clip_segments(rttm: dict[str, list[Segment]], file_id: str, offset: float = 
 
 
 def rttm_masks(segments: list[list[Segment]], num_frames: list[int], durations: list[float],
-               target: int | str = "auto"):
+               target: int | str | list = "auto"):
     """Per-clip segments (seconds from each clip's start) -> s, g (B, max num_frames) and the target
-    speaker label per clip (None: the clip has no such speaker, so s is silent)."""
+    speaker label per clip (None: the clip has no such speaker, so s is silent). target: "auto", an
+    index in arrival order, or a speaker label; or a list of those, one per clip."""
+    per_clip = target if isinstance(target, list) else [target] * len(segments)
     s, g, targets = [], [], []
-    for segs, n, dur in zip(segments, num_frames, durations, strict=True):
+    for segs, n, dur, t in zip(segments, num_frames, durations, per_clip, strict=True):
         act, speakers = speaker_activity(segs, n, dur)  # (S, T), arrival order
-        k = auto_target(act.T) if target == "auto" else target
-        name = speakers[k] if k < len(speakers) else None  # an index past the last: a silent target
+        if isinstance(t, str) and t != "auto":
+            name = t  # a label, as a training manifest's target_speaker gives it
+        else:
+            k = auto_target(act.T) if t == "auto" else t
+            name = speakers[k] if k < len(speakers) else None  # an index past the last: a silent target
         s_i, g_i = target_masks(segs, name, n, dur)
         s.append(s_i)
         g.append(g_i)

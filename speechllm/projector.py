@@ -7,7 +7,7 @@ Three kinds, chosen by `ProjectorConfig.kind`:
   Linear), then `proj` Linear to the LLM width. Names mirror NeMo's `perception.modality_adapter.*`
   and `perception.proj.*`, so SALM checkpoints load through a prefix table.
 - "causal_transformer" (seed 004): stack `stride` frames, Linear, then pre-norm RMSNorm / SwiGLU /
-  RoPE causal attention layers, then a Linear to the LLM width.
+  RoPE causal attention layers (Qwen2's RMSNorm and RoPE), then a Linear to the LLM width.
 
 Every kind maps (x, lengths) -> (y, new_lengths) and never lets padded frames reach valid ones.
 """
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
+from .qwen2 import RMSNorm, apply_rope, rope_cos_sin
 
 KINDS = ("conv_transformer", "salm", "causal_transformer")
 
@@ -162,36 +163,15 @@ class SALMProjector(nn.Module):
 # causal_transformer
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def rope(x, theta: float):
-    """Rotate-half RoPE on (B, H, T, hd) with positions 0..T-1 (angles in float32)."""
-    t, hd = x.shape[-2], x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv  # (T, hd/2)
-    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
-    x1, x2 = x.chunk(2, -1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
 class CausalLayer(nn.Module):
     def __init__(self, cfg: ProjectorConfig):
         super().__init__()
         d = cfg.hidden
         self.n_heads, self.theta, self.dropout = cfg.n_heads, cfg.rope_theta, cfg.dropout
-        self.attn_norm = RMSNorm(d)
+        self.attn_norm = RMSNorm(d, 1e-6)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.mlp_norm = RMSNorm(d)
+        self.mlp_norm = RMSNorm(d, 1e-6)
         self.gate_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, d, bias=False)
@@ -200,8 +180,9 @@ class CausalLayer(nn.Module):
         b, t, d = x.shape
         h = self.attn_norm(x)
         q, k, v = (p(h).view(b, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        cos, sin = rope_cos_sin(torch.arange(t, device=x.device)[None], q.shape[-1], self.theta, q.dtype)
         # Causal: a frame never sees later ones, so right padding cannot reach valid frames.
-        a = F.scaled_dot_product_attention(rope(q, self.theta), rope(k, self.theta), v, is_causal=True,
+        a = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
         h = self.mlp_norm(x)
@@ -214,7 +195,7 @@ class CausalTransformerProjector(nn.Module):
         self.cfg = cfg
         self.in_proj = nn.Linear(cfg.in_dim * cfg.stride, cfg.hidden)
         self.layers = nn.ModuleList(CausalLayer(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.hidden)
+        self.norm = RMSNorm(cfg.hidden, 1e-6)
         self.out_proj = nn.Linear(cfg.hidden, cfg.out_dim)
 
     def forward(self, x, lengths):

@@ -138,11 +138,16 @@ def fit_mask(mask: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.T
     return mask[:, mask.shape[1] - t:]
 
 
-def kernel_hook(spk_kernels: nn.ModuleDict, bg_spk_kernels: nn.ModuleDict | None,
+def kernel_hook(spk_kernels: nn.ModuleDict | None, bg_spk_kernels: nn.ModuleDict | None,
                 spk_targets: torch.Tensor | None = None,
-                bg_spk_targets: torch.Tensor | None = None) -> Callable:
+                bg_spk_targets: torch.Tensor | None = None) -> Callable | None:
     """The FastConformer `layer_hook(i, x, lengths) -> x` for masks s = spk_targets, g = bg_spk_targets,
-    each (B, T) per encoder frame or None (see the module docstring for NeMo's defaults)."""
+    each (B, T) per encoder frame or None (see the module docstring for NeMo's defaults). A model
+    without kernels gets None, and refuses masks it could not use."""
+    if spk_kernels is None:
+        if spk_targets is not None or bg_spk_targets is not None:
+            raise ValueError("this model has no speaker kernels, so it cannot take speaker activity")
+        return None
 
     def hook(i: int, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         key = str(i)

@@ -5,10 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from speechllm.asr import pad_batch
-from speechllm.audio import load_audio
+from speechllm.audio import load_audio, pad_batch
 from speechllm.data import read_manifest
 from speechllm.model import SpeechLLM
 

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechllm.asr import pad_batch
+from speechllm.audio import pad_batch
 from speechllm.metrics import classification_report
 from speechllm.model import SpeechLLM, assemble
 from speechllm.speaker import SpeakerKernelConfig

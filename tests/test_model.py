@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from speechllm.asr import ASRModel, pad_batch
+from speechllm.asr import ASRModel
+from speechllm.audio import pad_batch
 from speechllm.model import IGNORE, PromptConfig, SpeechLLM, assemble
 from speechllm.qwen2 import Qwen2ForCausalLM
 

@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 import yaml
 
-from speechllm.asr import pad_batch
+from speechllm.audio import pad_batch
 from speechllm.lora import LoRALinear, TaggedEmbedding, TaggedHead, apply_lora, merged_state_dict, train_tag_rows
 from speechllm.model import SpeechLLM, assemble
 from speechllm.optim import (apply_freeze, build_optimizer, get_lr, set_train_mode, setup_trainable,

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechllm.asr import pad_batch
+from speechllm.audio import pad_batch
 from speechllm.model import assemble
 from speechllm.pipeline import (auto_target, clip_segments, diarizer_masks, encoder_frames, fit_frames, main,
                                 parse_target, pick_target, predict_with_diarizer, predict_with_rttm,

@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from speechllm.asr import pad_batch
+from speechllm.audio import pad_batch
 from speechllm.convert import ConversionError, remap
 from speechllm.model import SpeechLLM
 from speechllm.salm import (SALM_KEYS, encode_prompt, greedy_generate, left_pad, load_salm, load_state, logits,

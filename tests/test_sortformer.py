@@ -10,7 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from speechllm.asr import ASRModel, pad_batch
+from speechllm.asr import ASRModel
+from speechllm.audio import pad_batch
 from speechllm.convert import NEMO_SORTFORMER_KEYS, ConversionError, NemoArchive, dropped_keys
 from speechllm.fastconformer import make_pad_mask
 from speechllm.sortformer import SortFormer, format_rttm, peak_scale, probs_to_segments

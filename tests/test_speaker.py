@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from speechllm.asr import ASRModel, pad_batch
+from speechllm.asr import ASRModel
+from speechllm.audio import pad_batch
 from speechllm.convert import NemoArchive
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.speaker import (SpeakerKernelConfig, batch_target_masks, build_kernels, fit_mask, init_weights,

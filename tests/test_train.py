@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from speechllm import checkpoint
-from speechllm.asr import pad_batch
+from speechllm.audio import pad_batch
 from speechllm.model import SpeechLLM
 
 ROOT = Path(__file__).resolve().parents[1]
