@@ -22,6 +22,7 @@ from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, pad_batch
 from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import SpeechLLM
+from speechllm.precision import fast_dtype
 from speechllm.pipeline import clip_segments, parse_target, predict_with_diarizer, predict_with_rttm, rttm_file_id
 from speechllm.speaker import read_rttm
 from speechllm.sortformer import SortFormer, format_rttm, probs_to_segments
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--manifest", help="NeMo-style JSONL manifest with labels: score it and print the metrics")
     p.add_argument("--json", action="store_true", help="write one JSON object per clip instead of text lines")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="weight precision; auto = bfloat16 where the CPU/GPU has fast bf16, else float32 (default: %(default)s)")
+                   help="weight precision; auto = bfloat16 where it measures faster than float32 on this CPU/GPU, else float32 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="transcript length limit in tokens (default: %(default)s)")
@@ -54,11 +55,7 @@ def parse_args(argv=None):
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return fast_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def load_model(path: Path, dtype, device):

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from speechllm import checkpoint, dist
+from speechllm.precision import fast_dtype
 from speechllm.data import ClipDataset, EpochPlan, ManifestError, collate, draw_probabilities, load_split
 from speechllm.lora import adapter_names, adapter_state, merged_state_dict
 from speechllm.metrics import classification_report, wer
@@ -273,7 +274,13 @@ def train(cfg, args, d: dist.Dist) -> int:
     tc, task = cfg.trainer, cfg.data.task
     out = Path(tc.out_dir)
     resume = checkpoint.resume_dir(args.resume, out)
-    print0(f"# resolved config\n{cfg.to_yaml()}# {d.world_size} process(es), device {d.device}, precision {tc.precision}")
+    precision = tc.precision
+    if precision == "auto":  # rank 0 measures, every rank follows: one choice for the whole run
+        precision = dist.broadcast("bf16" if fast_dtype(d.device) == torch.bfloat16 else "fp32", d)
+    how = " (auto: bf16 is faster here)" if tc.precision == "auto" and precision == "bf16" else \
+        " (auto: bf16 is not faster here)" if tc.precision == "auto" else ""
+    print0(f"# resolved config\n{cfg.to_yaml()}# {d.world_size} process(es), device {d.device}, "
+           f"precision {precision}{how}")
     # Data first: a bad manifest line stops the run before anything is built.
     train_split = load_split(cfg.data.train_ds.manifest_filepath, task, cfg.data.train_ds, train=True, seed=tc.seed)
     val_split = None
@@ -287,7 +294,7 @@ def train(cfg, args, d: dist.Dist) -> int:
     unmatched = setup_trainable(model, cfg.model)
     if unmatched:
         print0(f"warning: freeze patterns matching no parameter: {unmatched}")
-    model.to(d.device, torch.float64 if tc.precision == "fp64" else torch.float32)  # fp32 master weights
+    model.to(d.device, torch.float64 if precision == "fp64" else torch.float32)  # fp32 master weights
     state = checkpoint.load_state(resume) if resume is not None else None
     if state is not None:
         loaded = model.load_state_dict(state["model_extra"], strict=False)
@@ -304,7 +311,7 @@ def train(cfg, args, d: dist.Dist) -> int:
         bn_training = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                   forward_sync_buffers=bn_training, find_unused_parameters=tc.find_unused_parameters)
-    ctx = torch.autocast(d.device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    ctx = torch.autocast(d.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     loop = {"step": 0, "epoch": 0, "position": 0, "skipped": 0, "bad_in_a_row": 0, "best": None}
     if state is not None:

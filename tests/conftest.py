@@ -11,8 +11,15 @@ FIXTURES = Path(os.environ.get("SPEECHLLM_FIXTURES", Path(__file__).resolve().pa
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
+    """The upstream fixtures' folder. They may not be copied into this repository (their README
+    says so), so a clone without them skips the parity tests with this one reason; CI (CI=true)
+    has them, and fails instead of skipping."""
     if not FIXTURES.is_dir():
-        pytest.fail(f"upstream fixtures not found at {FIXTURES} (expected ../shared/fixtures)")
+        message = (f"upstream fixtures not found at {FIXTURES}: put the shared fixtures folder beside "
+                   f"the checkout (../shared/fixtures) or set SPEECHLLM_FIXTURES")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return FIXTURES
 
 

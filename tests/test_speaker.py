@@ -44,7 +44,12 @@ def batch(model, clips):
 
 
 def max_valid_diff(a, b, lengths):
-    return max((a[i, :n] - b[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))
+    """Largest error over valid frames, relative where |b| > 1: the kernel-0 input (the subsampling
+    output) reaches |x| = 90, where fp32 itself is 8e-6 apart; NeMo's fp32 value there is 1.2e-4
+    from a float64 recomputation of ours, on any CPU, so an absolute 1e-4 passed or failed with the
+    machine's summation order (1.3e-6 relative)."""
+    return max(((a[i, :n] - b[i, :n]).abs() / b[i, :n].abs().clamp(min=1)).max().item()
+               for i, n in enumerate(lengths.tolist()))
 
 
 @pytest.mark.parametrize("case", ["spk", "nospk", "allones", "short"])

@@ -296,14 +296,17 @@ def test_a_non_finite_loss_skips_the_step(tmp_path, fixtures, monkeypatch):
 
 
 def test_a_tiny_model_overfits_a_handful_of_clips(tmp_path, fixtures):
-    """Stage-2 setup in bf16: LLM, projector and encoder frozen; the tag rows and LoRA learn (all
-    clips right from about step 30). The exported checkpoint (adapters merged) predicts every tag."""
+    """Stage-2 setup: LLM, projector and encoder frozen; the tag rows and LoRA learn (all clips
+    right from about step 30). The exported checkpoint (adapters merged) predicts every tag.
+    fp32, because what is tested is the recipe: a bf16 run's trajectory depends on the CPU's bf16
+    kernels (on an AVX2-only CPU it ended at 5 of 6 clips), and bf16 training is tested against
+    fp32 step by step below."""
     manifest = distinct_clips(tmp_path, fixtures)
     config = write_config(
         tmp_path / "overfit.yaml", fixtures, manifest, tmp_path / "run",
         model={"freeze": "llm_and_projector", "prompt": {"answer_format": "tag_only", "user": "<audio>"},
                "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
-        trainer={"precision": "bf16", "max_steps": 60, "save_every_n_steps": 60, "val_check_interval": 30},
+        trainer={"precision": "fp32", "max_steps": 60, "save_every_n_steps": 60, "val_check_interval": 30},
         data={"task": "turntaking", "train_ds": {"manifest_filepath": str(manifest), "batch_size": 6, "num_workers": 0},
               "validation_ds": {"manifest_filepath": str(manifest), "batch_size": 6, "num_workers": 0}},
         optim={"lr": 3e-2, "sched": {"name": "cosine", "warmup_steps": 5, "min_lr": 1e-3}})
@@ -314,6 +317,30 @@ def test_a_tiny_model_overfits_a_handful_of_clips(tmp_path, fixtures):
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     audio, lengths = pad_batch([sf.read(tmp_path / r["audio_filepath"], dtype="float32")[0] for r in rows])
     assert [o["tag"] for o in model.predict(audio, lengths, 1)] == [f"<{r['label']}>" for r in rows]
+
+
+def test_bf16_autocast_follows_fp32_and_auto_says_what_it_chose(tmp_path, fixtures, capsys):
+    """Three bf16-autocast steps give the fp32 run's losses within bf16 rounding (2^-8 relative per
+    matmul input; 3 % leaves room for a few layers of it), on any CPU; the weights are not compared
+    because Adam's first steps move every weight by about lr whatever its gradient's size, so a
+    rounding flip of a tiny gradient's sign shows at full size. `precision: auto` runs what
+    speechllm.precision measures as faster here, and says so."""
+    manifest = distinct_clips(tmp_path, fixtures)
+    losses, finals = {}, {}
+    for precision in ("fp32", "bf16", "auto"):
+        config = write_config(tmp_path / f"{precision}.yaml", fixtures, manifest, tmp_path / precision,
+                              trainer={"precision": precision, "max_steps": 3, "save_every_n_steps": 3},
+                              optim={"lr": 1e-3, "sched": {"name": "constant", "warmup_steps": 0}})
+        assert run("--config", config) == 0
+        losses[precision] = [r["loss"] for r in records(tmp_path / precision, "train")]
+        finals[precision] = weights(tmp_path / precision / "step_3")
+    assert len(losses["fp32"]) == 3 and losses["fp32"][2] < losses["fp32"][0]
+    for bf16, fp32 in zip(losses["bf16"], losses["fp32"], strict=True):
+        assert abs(bf16 - fp32) < 0.03 * fp32
+    from speechllm.precision import fast_dtype
+    chosen = "bf16" if fast_dtype("cpu") == torch.bfloat16 else "fp32"
+    assert f"precision {chosen} (auto: " in capsys.readouterr().out
+    assert max_diff(finals["auto"], finals[chosen]) == 0.0
 
 
 def test_speaker_kernels_buckets_and_a_manifest_mixture(tmp_path, fixtures):
