@@ -33,7 +33,7 @@ Hk/Hv DeltaNet key/value heads, Dk/Dv their dims, C conv channels, V vocab.
 """
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -118,14 +118,11 @@ class Qwen3_5Config:
         text fields sit under text_config. Keys it does not know are ignored, as by transformers;
         settings that would change the computation and are not implemented raise."""
         if cfg.get("model_type") == "qwen3_5":
-            text = cfg.get("text_config")
-            if not isinstance(text, dict):
+            if not isinstance(cfg.get("text_config"), dict):
                 raise ValueError("model_type 'qwen3_5' config has no text_config")
-            # Qwen3_5ForConditionalGeneration reads tie_word_embeddings at the top level.
+            # Qwen3_5ForConditionalGeneration reads tie_word_embeddings (and dtype) at the top.
             top = {k: cfg[k] for k in ("tie_word_embeddings", "dtype", "torch_dtype") if k in cfg}
-            cfg = {"model_type": "qwen3_5_text"} | top | text
-            if "tie_word_embeddings" in top:
-                cfg["tie_word_embeddings"] = top["tie_word_embeddings"]
+            cfg = {"model_type": "qwen3_5_text"} | cfg["text_config"] | top
         if cfg.get("model_type") != "qwen3_5_text":
             raise ValueError(f"model_type {cfg.get('model_type')!r} is not supported: only "
                              "'qwen3_5_text' and 'qwen3_5' (its text model) are implemented")
@@ -140,42 +137,22 @@ class Qwen3_5Config:
         if (rope_type := rope.get("rope_type", rope.get("type", "default"))) != "default":
             raise ValueError(f"{field} with rope_type {rope_type!r} is not supported "
                              "(only plain RoPE)")
-        d = cls()  # upstream defaults for missing keys
-        n_layers = cfg.get("num_hidden_layers", d.num_hidden_layers)
-        layer_types = cfg.get("layer_types")
-        if layer_types is None:
-            every = cfg.get("full_attention_interval", 4)
-            layer_types = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
-                           for i in range(n_layers)]
+        # Keys named as our fields are read as they are; missing ones keep the upstream defaults.
+        special = {"layer_types", "rope_theta", "partial_rotary_factor", "mrope_section",
+                   "mrope_interleaved", "torch_dtype"}
+        kw = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name not in special}
+        n_layers = kw.get("num_hidden_layers", cls.num_hidden_layers)
+        every = cfg.get("full_attention_interval", 4)  # the older way to give layer_types
+        kw["layer_types"] = tuple(cfg.get("layer_types") or (
+            "full_attention" if (i + 1) % every == 0 else "linear_attention"
+            for i in range(n_layers)))
+        for name in ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"):
+            if name in rope or name in cfg:  # 5.x: inside rope_parameters; 4.x: top level
+                kw[name] = rope.get(name, cfg.get(name))
+        kw["rope_theta"] = float(kw.get("rope_theta", cls.rope_theta))  # 4.x writes an int
+        kw["torch_dtype"] = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         try:
-            return cls(
-                vocab_size=cfg.get("vocab_size", d.vocab_size),
-                hidden_size=cfg.get("hidden_size", d.hidden_size),
-                intermediate_size=cfg.get("intermediate_size", d.intermediate_size),
-                num_hidden_layers=n_layers,
-                layer_types=tuple(layer_types),
-                num_attention_heads=cfg.get("num_attention_heads", d.num_attention_heads),
-                num_key_value_heads=cfg.get("num_key_value_heads", d.num_key_value_heads),
-                head_dim=cfg.get("head_dim", d.head_dim),
-                attention_bias=cfg.get("attention_bias", False),
-                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", d.rope_theta))),
-                partial_rotary_factor=rope.get("partial_rotary_factor",
-                                               cfg.get("partial_rotary_factor", 0.25)),
-                mrope_section=tuple(rope.get("mrope_section", d.mrope_section)),
-                mrope_interleaved=rope.get("mrope_interleaved", d.mrope_interleaved),
-                linear_conv_kernel_dim=cfg.get("linear_conv_kernel_dim", 4),
-                linear_key_head_dim=cfg.get("linear_key_head_dim", d.linear_key_head_dim),
-                linear_value_head_dim=cfg.get("linear_value_head_dim", d.linear_value_head_dim),
-                linear_num_key_heads=cfg.get("linear_num_key_heads", d.linear_num_key_heads),
-                linear_num_value_heads=cfg.get("linear_num_value_heads", d.linear_num_value_heads),
-                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_id=cfg.get("eos_token_id"),
-                pad_token_id=cfg.get("pad_token_id"),
-                torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
-            )
+            return cls(**kw)
         except ValueError as e:
             raise ValueError(f"unsupported Qwen3.5 config: {e}") from None
 

@@ -263,6 +263,11 @@ def test_config_from_fixture(hf_config):
     assert (c.linear_num_key_heads, c.linear_num_value_heads, c.tie_word_embeddings) == (2, 4, True)
     assert Qwen3_5Config.from_hf(json.loads(json.dumps(c.to_hf()))) == c
     assert Qwen3_5Config().layer_types[:4] == c.layer_types  # default: every 4th layer is full
+    # The older dialect: top-level rope fields (an int theta), full_attention_interval, torch_dtype.
+    old = {k: v for k, v in hf_config.items() if k not in ("rope_parameters", "layer_types", "dtype")}
+    old |= {"rope_theta": 10000000, "partial_rotary_factor": 0.25, "full_attention_interval": 4,
+            "torch_dtype": "float32", "mrope_section": [2, 1, 1]}
+    assert Qwen3_5Config.from_hf(old) == c
     with pytest.raises(TypeError):
         Qwen3_5Config(num_experts=4)
 
