@@ -1,4 +1,5 @@
-"""Autoregressive decoding for Qwen2ForCausalLM with a preallocated KV cache (gpt-fast style).
+"""Autoregressive decoding with a preallocated cache (gpt-fast style) for Qwen2ForCausalLM and
+Qwen3_5ForCausalLM: the model's `new_cache` makes its cache (KV, or KV + DeltaNet states).
 
 Matches transformers' generate() for greedy decoding: prefill over the prompt, then one token per
 step; left-padded batches use position_ids = cumsum(mask) - 1 and a mask that grows by a column of
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .qwen2 import KVCache, Qwen2ForCausalLM
+from .qwen2 import Qwen2ForCausalLM
 
 
 class Generation(NamedTuple):
@@ -92,8 +93,7 @@ def generate(model: Qwen2ForCausalLM, input_ids=None, *, inputs_embeds=None, att
     pad_id = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
 
     # Everything is allocated once; the loop only writes into it.
-    cache = KVCache(model.config, B, L + max_new_tokens, dtype=model.lm_head.weight.dtype,
-                    device=device)
+    cache = model.new_cache(B, L + max_new_tokens, dtype=model.lm_head.weight.dtype, device=device)
     padded = not attention_mask.all()  # no padding: skip masks, SDPA runs its causal fast path
     mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
     mask[:, :L] = attention_mask.bool()

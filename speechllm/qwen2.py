@@ -177,12 +177,13 @@ class KVCache:
     """Preallocated keys and values of every layer, (n_layers, B, K, max_len, hd) each.
 
     Keys are stored after RoPE. `update` writes new entries at `length` and returns views of the
-    filled part; the model calls `advance` once all layers have written."""
+    filled part; the model calls `advance` once all layers have written. n_layers defaults to
+    every layer; a hybrid model (Qwen3.5) passes the number of its attention layers."""
 
     def __init__(self, config: Qwen2Config, batch_size: int, max_len: int,
-                 dtype=torch.float32, device="cpu"):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
-                 config.head_dim)
+                 dtype=torch.float32, device="cpu", n_layers: int | None = None):
+        n_layers = config.num_hidden_layers if n_layers is None else n_layers
+        shape = (n_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
@@ -285,6 +286,12 @@ class Qwen2ForCausalLM(nn.Module):
 
     def tie_weights(self):
         self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        """The decoding cache generate() fills: room for max_len tokens (prompt + new) per row."""
+        w = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype,
+                       device=device or w.device)
 
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                 cache: KVCache | None = None, logits_to_keep: int = 0, output_hidden_states=False,
@@ -405,14 +412,14 @@ class Qwen2ForCausalLM(nn.Module):
 # Reading Hugging Face directories
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, supported=("Qwen2ForCausalLM",)) -> dict:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     cfg = json.loads((path / "config.json").read_text())
-    archs = cfg.get("architectures") or ["Qwen2ForCausalLM"]
-    if "Qwen2ForCausalLM" not in archs:
+    archs = cfg.get("architectures") or [supported[0]]
+    if not set(archs) & set(supported):
         raise ValueError(f"{path / 'config.json'}: architectures {archs} are not supported "
-                         "(only Qwen2ForCausalLM)")
+                         f"(only {' / '.join(supported)})")
     return cfg
 
 
@@ -437,7 +444,7 @@ def _weight_files(path: Path) -> dict[Path, list[str]]:
         return {single: list(f.keys())}
 
 
-def _check_tensors(path: Path, found: dict, expected: dict):
+def _check_tensors(path: Path, found: dict, expected: dict, what: str = "Qwen2"):
     """Raise one ValueError listing every missing, unexpected and wrongly shaped tensor."""
     # Old checkpoints may carry the non-persistent RoPE buffer; a tied checkpoint may still carry
     # lm_head.weight: transformers ties (ignores it) in both cases, and so do we.
@@ -450,4 +457,4 @@ def _check_tensors(path: Path, found: dict, expected: dict):
                 [("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)]
                 if items]
     if problems:
-        raise ValueError(f"{path}: weights do not match the Qwen2 config: " + "; ".join(problems))
+        raise ValueError(f"{path}: weights do not match the {what} config: " + "; ".join(problems))
