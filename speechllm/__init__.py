@@ -1,7 +1,8 @@
-"""speechllm: a pure-PyTorch Speech-LLM for turn-taking (FastConformer -> projector -> Qwen2)."""
+"""speechllm: a pure-PyTorch Speech-LLM for turn-taking (FastConformer -> projector -> Qwen LLM)."""
 from .asr import ASRModel
 from .audio import AudioError, LogMelFrontend, PreprocessorConfig, load_audio, resample
 from .fastconformer import FastConformer, FastConformerConfig
+from .llm import load_llm
 from .model import PromptConfig, SpeechLLM, SpeechLLMConfig, assemble
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM

@@ -374,8 +374,8 @@ def _inspect_dir(path: Path):
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors files to inspect")
     headers = _safetensors_headers(files)
-    if kind == "qwen2":
-        return [f"Hugging Face Qwen2 directory ({len(files)} file(s)); in a Speech-LLM these sit under llm."], \
+    if kind in ("qwen2", "qwen3"):
+        return [f"Hugging Face {kind} directory ({len(files)} file(s)); in a Speech-LLM these sit under llm."], \
             _rows(headers, {"": "llm."})
     if kind == "nemo_speechlm":
         return ["NeMo SALM directory"], _rows(headers, SPEECHLLM_CKPT_KEYS)

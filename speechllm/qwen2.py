@@ -1,18 +1,24 @@
-"""Qwen2 / Qwen2.5 decoder-only language model in plain PyTorch.
+"""Qwen2 / Qwen2.5 and Qwen3 (dense) decoder-only language models in plain PyTorch.
 
-Matches transformers' `Qwen2ForCausalLM` (checked against fixtures written by transformers 5.23,
-fp32, to ~1e-5 on logits) and loads its Hugging Face directories directly: module names are the HF
-state-dict keys, so loading is a plain `load_state_dict` with no renaming.
+Matches transformers' `Qwen2ForCausalLM` and `Qwen3ForCausalLM` (checked against fixtures written
+by transformers 5.23, fp32, to ~1e-5 on logits) and loads their Hugging Face directories directly:
+module names are the HF state-dict keys, so loading is a plain `load_state_dict` with no renaming.
+One class serves both; `config.model_type` selects the few places where Qwen3 differs.
 
 Numerical quirks kept on purpose (spec: shared/spec/qwen2_hf.md, section 2):
 - RMSNorm normalises in float32, casts back to the input dtype, and only then multiplies by the
   weight (Qwen3.5 multiplies first; Qwen2 does not).
 - RoPE is the rotate-half (GPT-NeoX) layout; inv_freq and the angles position * inv_freq are
   float32 products exactly as transformers computes them, then cos/sin are cast to the model dtype.
-- q/k/v projections have biases; o_proj and the MLP do not.
+- Qwen2's q/k/v projections have biases; o_proj and the MLP do not.
 - The output head is tied to the token embedding when `tie_word_embeddings` (Qwen2.5-0.5B/1.5B):
   the file then has no `lm_head.weight`.
 - hidden_states follow HF: the input of every layer, and last the output of the final norm.
+- Qwen3 differs in three places (transformers' modeling_qwen3.py): q_norm / k_norm, RMSNorms over
+  head_dim applied to every query and key head before RoPE (same dtype recipe as the layer norms);
+  no biases at all, `attention_bias` covering q, k, v and o_proj alike; and an explicit head_dim,
+  defaulting to 128 when config.json lacks it, so q_proj's heads * head_dim rows need not equal
+  hidden_size (Qwen3-0.6B: 16 * 128 = 2048 for hidden 1024).
 
 Dimension letters: B batch, L new tokens, S keys (cached + new), D hidden, H query heads,
 K key/value heads, hd head_dim, V vocab.
@@ -29,16 +35,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 
+# model_type -> the architecture name config.json carries for it.
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 @dataclass(frozen=True)
 class Qwen2Config:
     # Defaults are Qwen2.5-0.5B's config.json (transformers' own Qwen2Config defaults differ).
+    model_type: str = "qwen2"  # "qwen2" (Qwen2, Qwen2.5) or "qwen3" (Qwen3 dense)
     vocab_size: int = 151936  # embedding rows; the tokenizer has 151665 tokens, the rest are spare
     hidden_size: int = 896
     intermediate_size: int = 4864
     num_hidden_layers: int = 24
     num_attention_heads: int = 14
     num_key_value_heads: int = 2
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads, as transformers does
+    head_dim: int | None = None  # None: qwen2 hidden_size // num_attention_heads; qwen3 128
     max_position_embeddings: int = 32768  # informational: RoPE is computed for any position
     rope_theta: float = 1000000.0
     rms_norm_eps: float = 1e-6
@@ -46,26 +57,51 @@ class Qwen2Config:
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151643
     torch_dtype: str = "bfloat16"  # dtype of the published weights; written back on save
+    # Qwen3 only: biases on q, k, v and o_proj (None -> False, Qwen3Config's default). Qwen2 keeps
+    # None: its biases are fixed, on q/k/v and not on o_proj, and config.json has no such key.
+    attention_bias: bool | None = None
 
     def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported: only "
+                             "'qwen2' (Qwen2 / Qwen2.5) and 'qwen3' (Qwen3 dense)")
+        # frozen dataclass: derived defaults are filled once, here.
+        if self.model_type == "qwen3":
+            if self.head_dim is None:  # Qwen3Config's default, NOT hidden / heads
+                object.__setattr__(self, "head_dim", 128)
+            if self.attention_bias is None:
+                object.__setattr__(self, "attention_bias", False)
+        elif self.attention_bias is not None:
+            raise ValueError("attention_bias is a Qwen3 setting; Qwen2 always has q/k/v biases and "
+                             "no o_proj bias")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                                  f"num_attention_heads {self.num_attention_heads}; set head_dim")
-            # frozen dataclass: fill the derived default once, here.
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 RMS-normalises every query and key head before RoPE."""
+        return self.model_type == "qwen3"
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "Qwen2Config":
-        """Read a transformers config.json, either dialect: 4.x (top-level rope_theta,
-        torch_dtype) or 5.x (rope_parameters, dtype, layer_types). Missing optional keys take
-        transformers' Qwen2Config defaults, not Qwen2.5-0.5B's, because that is what HF would do."""
-        if cfg.get("model_type") != "qwen2":
-            raise ValueError(f"model_type {cfg.get('model_type')!r} is not supported: only 'qwen2' "
-                             "(Qwen2 / Qwen2.5) is implemented")
+        """Read a transformers config.json (model_type qwen2 or qwen3), either dialect: 4.x
+        (top-level rope_theta, torch_dtype) or 5.x (rope_parameters, dtype, layer_types). Missing
+        optional keys take transformers' Qwen2Config / Qwen3Config defaults, not Qwen2.5-0.5B's,
+        because that is what HF would do."""
+        model_type = cfg.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {model_type!r} is not supported: only 'qwen2' "
+                             "(Qwen2 / Qwen2.5) and 'qwen3' (Qwen3 dense) are implemented")
+        archs = cfg.get("architectures") or [ARCHITECTURES[model_type]]
+        if ARCHITECTURES[model_type] not in archs:
+            raise ValueError(f"architectures {archs} are not supported for model_type "
+                             f"{model_type!r} (only {ARCHITECTURES[model_type]})")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         if missing := [k for k in required if k not in cfg]:
@@ -89,6 +125,7 @@ class Qwen2Config:
             raise ValueError(f"{field}: sliding-window attention is not supported "
                              f"(layer types {sorted(set(layer_types))})")
         return cls(
+            model_type=model_type,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -103,12 +140,17 @@ class Qwen2Config:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
+            # transformers ignores the key in a Qwen2 config; its Qwen2 biases are hard-wired.
+            attention_bias=cfg.get("attention_bias", False) if model_type == "qwen3" else None,
         )
 
     def to_hf(self) -> dict:
-        """config.json in the transformers 4.x dialect that the Qwen2.5 repositories use."""
+        """config.json in the transformers 4.x dialect that the Qwen2.5 / Qwen3 repositories use."""
+        fields = asdict(self)  # model_type first, as in the published files
+        if self.model_type == "qwen2":
+            del fields["attention_bias"]  # not a Qwen2 key
         return {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **asdict(self),
+            "architectures": [ARCHITECTURES[self.model_type]], **fields,
             "hidden_act": "silu", "attention_dropout": 0.0, "rope_scaling": None,
             "use_sliding_window": False, "sliding_window": None,
             "max_window_layers": self.num_hidden_layers, "use_cache": True,
@@ -207,17 +249,26 @@ class Qwen2Attention(nn.Module):
     def __init__(self, config: Qwen2Config, layer_idx: int):
         super().__init__()
         D, hd = config.hidden_size, config.head_dim
-        self.layer_idx, self.head_dim = layer_idx, hd
-        # Qwen2: biases on q/k/v only.
-        self.q_proj = nn.Linear(D, config.num_attention_heads * hd, bias=True)
-        self.k_proj = nn.Linear(D, config.num_key_value_heads * hd, bias=True)
-        self.v_proj = nn.Linear(D, config.num_key_value_heads * hd, bias=True)
-        self.o_proj = nn.Linear(config.num_attention_heads * hd, D, bias=False)
+        self.layer_idx, self.head_dim, self.qk_norm = layer_idx, hd, config.qk_norm
+        # Qwen2: biases on q/k/v only. Qwen3: attention_bias decides for all four (False in every
+        # released checkpoint).
+        bias = config.attention_bias
+        qkv_bias, o_bias = (True, False) if config.model_type == "qwen2" else (bias, bias)
+        self.q_proj = nn.Linear(D, config.num_attention_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, config.num_key_value_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, config.num_key_value_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, D, bias=o_bias)
+        if self.qk_norm:  # Qwen3: weights of shape (hd,), shared by all heads
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = self.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, K, L, hd)
+        q = self.q_proj(x).view(B, L, -1, self.head_dim)  # (B, L, H, hd)
+        k = self.k_proj(x).view(B, L, -1, self.head_dim)  # (B, L, K, hd)
+        if self.qk_norm:  # Qwen3: each head normalised over hd, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, hd), (B, K, L, hd)
         v = self.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, K, L, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -353,12 +404,17 @@ class Qwen2ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu"):
-        """Load a Hugging Face Qwen2 directory: config.json + model.safetensors or shards listed in
-        model.safetensors.index.json. The model is built on the meta device and tensors come one at
-        a time from memory-mapped files, so the weights are held once: with dtype None (keep the
-        stored dtype) they stay mapped and are paged in on use; a conversion makes one new copy."""
+        """Load a Hugging Face Qwen2 or Qwen3 directory: config.json + model.safetensors or shards
+        listed in model.safetensors.index.json. The model is built on the meta device and tensors
+        come one at a time from memory-mapped files, so the weights are held once: with dtype None
+        (keep the stored dtype) they stay mapped and are paged in on use; a conversion makes one
+        new copy."""
         path = Path(path)
-        config = Qwen2Config.from_hf(_read_config(path))
+        cfg = _read_config(path)
+        try:
+            config = Qwen2Config.from_hf(cfg)
+        except ValueError as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
         files = _weight_files(path)
         with torch.device("meta"):
             model = cls(config)
@@ -369,7 +425,7 @@ class Qwen2ForCausalLM(nn.Module):
         for file, names in files.items():
             with safe_open(file, framework="pt") as f:
                 found.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
-        _check_tensors(path, found, expected)
+        _check_tensors(path, found, expected, config.model_type)
 
         state = {}
         for file, names in files.items():
@@ -412,12 +468,17 @@ class Qwen2ForCausalLM(nn.Module):
 # Reading Hugging Face directories
 
 
-def _read_config(path: Path, supported=("Qwen2ForCausalLM",)) -> dict:
+def _read_config(path: Path, supported: tuple[str, ...] | None = None) -> dict:
+    """config.json as a dict; `supported` architectures, when given, are checked here (Qwen2 and
+    Qwen3 check theirs against model_type in Qwen2Config.from_hf)."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    cfg = json.loads((path / "config.json").read_text())
-    archs = cfg.get("architectures") or [supported[0]]
-    if not set(archs) & set(supported):
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON: {e}") from None
+    archs = cfg.get("architectures")
+    if supported is not None and archs and not set(archs) & set(supported):
         raise ValueError(f"{path / 'config.json'}: architectures {archs} are not supported "
                          f"(only {' / '.join(supported)})")
     return cfg
@@ -444,7 +505,7 @@ def _weight_files(path: Path) -> dict[Path, list[str]]:
         return {single: list(f.keys())}
 
 
-def _check_tensors(path: Path, found: dict, expected: dict, what: str = "Qwen2"):
+def _check_tensors(path: Path, found: dict, expected: dict, model_type: str):
     """Raise one ValueError listing every missing, unexpected and wrongly shaped tensor."""
     # Old checkpoints may carry the non-persistent RoPE buffer; a tied checkpoint may still carry
     # lm_head.weight: transformers ties (ignores it) in both cases, and so do we.
@@ -457,4 +518,5 @@ def _check_tensors(path: Path, found: dict, expected: dict, what: str = "Qwen2")
                 [("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)]
                 if items]
     if problems:
-        raise ValueError(f"{path}: weights do not match the {what} config: " + "; ".join(problems))
+        raise ValueError(f"{path}: weights do not match the {model_type} config: "
+                         + "; ".join(problems))

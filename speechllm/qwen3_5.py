@@ -503,7 +503,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         # Check in the file's own names, so an error names what is in the file.
         file_key = {k: n for n, k in ours.items() if k is not None}
         _check_tensors(path, {n: s for n, s in found.items() if n not in skipped},
-                       {file_key.get(k, k): s for k, s in expected.items()}, what="Qwen3.5")
+                       {file_key.get(k, k): s for k, s in expected.items()}, "Qwen3.5")
 
         state = {}
         for file, names in files.items():
