@@ -10,3 +10,4 @@ from .salm import load_salm
 from .sortformer import SortFormer
 from .speaker import SpeakerKernelConfig
 from .tokenizer import Tokenizer
+from .whisper import WhisperEncoder, WhisperEncoderConfig

@@ -291,8 +291,11 @@ def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float,
-                   norm: str | None = "slaney") -> torch.Tensor:
-    """Triangular mel filters (n_mels, n_fft // 2 + 1) float32, as librosa.filters.mel computes them."""
+                   norm: str | None = "slaney", librosa_rounding: bool = True) -> torch.Tensor:
+    """Triangular mel filters (n_mels, n_fft // 2 + 1) float32, as librosa.filters.mel computes them.
+
+    librosa_rounding=False keeps everything in float64 and rounds once at the end, as transformers'
+    `mel_filter_bank` does (Whisper's feature extractor); the two differ by about 1 float32 ulp."""
     freqs = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * (sample_rate / n_fft)
     lo, hi = hz_to_mel(torch.tensor([fmin, fmax], dtype=torch.float64))
     edges = mel_to_hz(torch.linspace(lo, hi, n_mels + 2, dtype=torch.float64))  # (n_mels + 2,)
@@ -300,8 +303,9 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
     gaps = edges.diff()
     rising = -ramps[:-2] / gaps[:-1, None]
     falling = ramps[2:] / gaps[1:, None]
-    # librosa stores the triangles in float32 first, then scales them in place: round twice.
-    fb = torch.minimum(rising, falling).clamp(min=0).float().double()
+    fb = torch.minimum(rising, falling).clamp(min=0)
+    if librosa_rounding:  # librosa stores the triangles in float32 first, then scales them in place: round twice
+        fb = fb.float().double()
     if norm == "slaney":
         fb = fb * (2 / (edges[2:] - edges[:-2]))[:, None]  # equal area per filter
     return fb.float()
