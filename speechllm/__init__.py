@@ -9,3 +9,4 @@ from .salm import load_salm
 from .sortformer import SortFormer
 from .speaker import SpeakerKernelConfig
 from .tokenizer import Tokenizer
+from .turn import TurnConfig, TurnDetector
