@@ -136,8 +136,8 @@ def test_early_decision_is_reused_or_dropped(model, clips):
     counted = Counting(model)
     (made,) = decisions(run(TurnDetector(counted), x))
     assert len(counted.heard) == 1 and made["computed_at_s"] < made["decided_at_s"]
-    # Speech comes back after a pause (0.2 s and the clip's own tail: past early_ms, before stop_ms): the early decision
-    # is thrown away and the one that comes out hears both clips.
+    # Speech comes back after a pause (0.2 s and the clip's own tail: past early_ms, before stop_ms):
+    # the early decision is thrown away and the one that comes out hears both clips.
     x, starts = join(clips, 0.2, "incomplete_2", 0.2, "complete_2", 1.0)
     counted = Counting(model)
     events = run(TurnDetector(counted), x)
