@@ -56,6 +56,7 @@ Threads: push() holds a per-detector lock, so one stream may be fed from several
 order). Many detectors may share one model: predict only reads it (under torch.inference_mode) and
 keeps its KV cache per call.
 """
+import math
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -84,7 +85,7 @@ class TurnConfig:
     max_seconds: float = 8.0  # the model hears at most the turn's last max_seconds (Smart Turn: 8 s)
     threshold_db: float = -45.0  # voiced: in-band level above this, dB re full scale (a full-scale sine: -3)
     snr_db: float = 10.0  # ... and this far above the noise floor
-    noise_rise_db: float = 3.0  # dB per second the noise floor may rise; it falls to any quieter frame at once
+    noise_rise_db: float = 6.0  # dB per second the noise floor may rise; it falls to any quieter frame at once
     band_low_hz: float = 100.0  # the VAD's band, where voiced speech has its energy (the frame's
     band_high_hz: float = 4000.0  # mean, DC, is removed before)
     max_new_tokens: int = 64  # transcript length limit for predict
@@ -172,7 +173,7 @@ class TurnDetector:
         self._lock = threading.Lock()
         self._pending = np.zeros(0, np.float32)  # samples of the next, incomplete frame
         self._pending_flags = np.zeros(0, np.int8)  # their speech flags: 1, 0, or -1 (the VAD decides)
-        self.noise_db = c.threshold_db - c.snr_db
+        self.noise_db = math.inf  # unknown: the first frame sets it
         self._reset()
 
     def reset(self) -> None:
@@ -242,8 +243,9 @@ class TurnDetector:
 
     def _vad(self, level: float) -> bool:
         """Built-in VAD: loud enough, and far enough above the noise floor. The floor follows the
-        quietest recent frames: it drops to a quieter frame at once and rises slowly otherwise, so
-        steady background noise becomes the floor within seconds while syllable dips keep it low."""
+        quietest recent frames: it starts at the first frame's level, drops to a quieter frame at once
+        and rises by noise_rise_db a second otherwise, so steady background noise, even above
+        threshold_db, is the floor within seconds while the dips between syllables keep it low."""
         voiced = level > self.cfg.threshold_db and level > self.noise_db + self.cfg.snr_db
         self.noise_db = min(level, self.noise_db + self.noise_rise)
         return voiced

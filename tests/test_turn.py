@@ -249,6 +249,20 @@ def test_ten_minute_monologue_keeps_bounded_memory(model):
     assert all(len(h) == limit for h in counted.heard)  # each heard the last max_seconds of the talk
 
 
+def test_steady_background_noise_becomes_the_floor(clips):
+    x, starts = join(clips, 1.0, "complete_2", 1.0, "backchannel_2", 1.0, "incomplete_2", 3.0)
+    noise = (0.02 * np.random.default_rng(0).standard_normal(len(x))).astype(np.float32)  # about -37 dB in band
+    kinds = lambda evs: [e["event"] for e in evs]  # noqa: E731
+    clean = run(TurnDetector(Scripted([COMPLETE])), x)
+    noisy = run(TurnDetector(Scripted([COMPLETE])), x + noise)
+    assert kinds(noisy) == kinds(clean) == ["speech_start", "speech_end", "decision"] * 3
+    onsets = [e["time_s"] for e in noisy if e["event"] == "speech_start"]
+    assert all(0 <= t - s < 0.25 for t, s in zip(onsets, starts))  # soft onsets drown, speech does not
+    # A VAD on level alone (no margin over the floor) takes that noise, louder than threshold_db, for speech.
+    fixed = run(TurnDetector(Scripted([COMPLETE]), TurnConfig(snr_db=0)), x + noise)
+    assert fixed[0]["event"] == "speech_start" and fixed[0]["time_s"] < starts[0] - 0.5 and len(decisions(fixed)) < 3
+
+
 def test_clipping(model, clips):
     x, _ = join(clips, 0.3, "complete_2", 1.0, "backchannel_1", 1.0)
     loud = 8 * x  # far beyond [-1, 1]
