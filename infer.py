@@ -2,12 +2,15 @@
 
     python infer.py clip.wav [more.flac ...] --checkpoint DIR           # one line per clip
     python infer.py --manifest test.jsonl --checkpoint DIR              # score a labelled manifest
+    python infer.py --stream call.wav [--realtime] [--turn stop_ms=800]  # live turn-taking events
 
 A Speech-LLM checkpoint prints the turn-taking tag, its probability, the other two and the
 transcript; an ASR checkpoint (from `convert_weights.py nemo`) prints the transcript; a SortFormer
 diarizer checkpoint prints RTTM lines. Any format
 soundfile reads, any sample rate or channel count: audio is resampled to 16 kHz mono. Clips longer
-than --max-seconds are refused (the encoder attends over the whole clip at once).
+than --max-seconds are refused (the encoder attends over the whole clip at once). --stream plays
+one recording of any length through speechllm.turn.TurnDetector, 20 ms at a time, and prints its
+events with their times on the recording's clock (--json: one JSON object per event).
 """
 import argparse
 import json
@@ -26,6 +29,7 @@ from speechllm.precision import fast_dtype
 from speechllm.pipeline import clip_segments, parse_target, predict_with_diarizer, predict_with_rttm, rttm_file_id
 from speechllm.speaker import read_rttm
 from speechllm.sortformer import SortFormer, format_rttm, probs_to_segments
+from speechllm.turn import TurnConfig, TurnDetector, format_event, play
 
 DEMO = Path(__file__).resolve().parent / "checkpoints" / "demo"
 
@@ -51,6 +55,11 @@ def parse_args(argv=None):
                    help="whose turn to judge: a speaker index in arrival order, or auto, the one talking when talk "
                         "stops; the others are the background (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--stream", metavar="AUDIO", help="play one recording through the live turn detector and print its events")
+    p.add_argument("--realtime", action="store_true", help="--stream at real-time pace (default: as fast as possible)")
+    p.add_argument("--chunk-ms", type=int, default=20, help="--stream: audio per push, ms (default: %(default)s)")
+    p.add_argument("--turn", action="append", default=[], metavar="KEY=VALUE",
+                   help="--stream: a TurnConfig setting (speechllm/turn.py), e.g. stop_ms=800; repeatable")
     return p.parse_args(argv)
 
 
@@ -128,12 +137,31 @@ def show(name: str, r: dict, as_json: bool) -> str:
     return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others}){text}{who}"
 
 
+def stream(model, args) -> int:
+    """--stream: one recording through the turn detector, one line (or JSON object) per event."""
+    try:
+        if not isinstance(model, SpeechLLM):
+            raise ValueError("--stream needs a Speech-LLM checkpoint")
+        pairs = dict(kv.split("=", 1) if "=" in kv else (kv, None) for kv in args.turn)
+        detector = TurnDetector(model, TurnConfig.from_dict({"max_new_tokens": args.max_new_tokens, **pairs}))
+        audio = load_audio(args.stream)
+    except ValueError as e:  # AudioError too
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for event in play(detector, audio, args.chunk_ms, args.realtime):
+        print(json.dumps(event) if args.json else format_event(event), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.audio and not args.manifest:
-        print("error: give audio files or --manifest", file=sys.stderr)
+    if not args.audio and not args.manifest and not args.stream:
+        print("error: give audio files, --manifest or --stream", file=sys.stderr)
+        return 2
+    if args.stream and (args.audio or args.manifest):
+        print("error: --stream plays one recording; give it alone", file=sys.stderr)
         return 2
     path = Path(args.checkpoint) if args.checkpoint else DEMO
     try:
@@ -152,6 +180,8 @@ def main(argv=None) -> int:
         return 1
     if args.checkpoint is None:
         print(f"using the bundled demo model ({DEMO}): trained on synthetic espeak-ng speech only", file=sys.stderr)
+    if args.stream:
+        return stream(model, args)
     items = [(p, p, 0.0, None) for p in args.audio] + [(f"{u.audio}@{u.offset:g}", u.audio, u.offset, u.duration) for u in utts]
     clips, failed = load_clips(items, args.max_seconds, model.cfg.preprocessor.hop_length)
     speakers = diarizer
