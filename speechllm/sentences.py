@@ -143,8 +143,8 @@ VERBS = [(v.split(), kinds.split()) for v, kinds in [
     ("plan plans planned planned planning", "event"), ("organise organises organised organised organising", "event"),
     ("miss misses missed missed missing", "event person"),
     ("postpone postpones postponed postponed postponing", "event"),
-    ("watch watches watched watched watching", "media"), ("recommend recommends recommended recommended "
-                                                          "recommending", "media place"),
+    ("watch watches watched watched watching", "media"),
+    ("recommend recommends recommended recommended recommending", "media place"),
     ("start starts started started starting", "media document"), ("leave leaves left left leaving", "place thing"),
     ("paint paints painted painted painting", "thing place"),
 ]]
@@ -158,7 +158,7 @@ TIMES = [(P(t), k) for k, ts in [
     ("h", "every week/every day/on| Sundays/in| the| mornings/after| work/at| the| weekend"),
     ("a", "at| home/at| work/at| the| office/in| town/near| the| station/in| the| garden/with| my| brother/"
           "with| the| kids/for| my| mum/on| my| own/together/again/for| free/by| bus"),
-]for t in ts.split("/")]
+] for t in ts.split("/")]
 LINKERS = "because|/but|/so|/and then|/although|/when|/before|/after|/and|/or|/since|/if|"
 REASONS = ("it was| raining/we ran out of| time/nobody else wanted to/the| price went up/it was| too| late/"
            "the| shop was| closed/she asked nicely/we had a| long day/the| car broke down/it was| cheaper/"
@@ -183,9 +183,7 @@ def verb_group(rng: random.Random, agr: str, forms: list, tense: str) -> list:
         return P(aux + " " + base)
     if tense == "pm":  # past modal: "tried to", "had to"
         return P(pick(rng, "had to|/wanted to|/tried to|/forgot to|/decided to|/managed to|/promised to|/"
-                           "needed to|/was going to|" if agr in ("1s", "3s") else
-                      "had to|/wanted to|/tried to|/forgot to|/decided to|/managed to|/promised to|/"
-                      "needed to|/were going to|") + " " + base)
+                           f"needed to|/{agree('was', agr)} going to|") + " " + base)
     if tense == "perf":
         return P(f"{agree('have', agr)}| " + pick(rng, "/already /just /finally /never ") + pp)
     if tense == "prog":
@@ -255,7 +253,7 @@ def question(rng: random.Random) -> list:
     if k == 5:
         return P(agree("be", agr) + "|") + subj + P(ing) + obj + rng.choice([t for t, x in TIMES if x == "f"])
     if k == 6:
-        wh = pick(rng, "when|/where|/why|/how often")
+        wh = pick(rng, "when/where/why/how often")
         return P(wh) + P(pick(rng, "did|/do|/should|/can|") if agr != "3s" else pick(rng, "did|/does|/should|")) \
             + subj + P(base) + obj
     if k == 7:
@@ -391,8 +389,9 @@ def incomplete(rng: random.Random) -> dict:
     else:  # trailing into a filler: "I left the keys in the, uh"
         toks = cut(rng, statement(rng))
         toks = toks[:-1] + [(toks[-1][0] + ",", False)] + P(pick(rng, "um/uh")) if toks else []
-    if not toks or not (toks[-1][1] or toks[-1][0] in ("um", "uh", "like", "and", "but", "because", "so", "or", "then")):
-        return incomplete(rng)  # nothing left to cut, or a fragment ending in a filler opening's comma
+    if not toks or not (toks[-1][1] or toks[-1][0] in ("um", "uh", "like", "and", "but", "because", "so", "or",
+                                                       "then")):
+        return incomplete(rng)  # nothing was left to cut, or only a filler opening and its comma
     return {"text": written(toks), "kind": k, "final": final}
 
 

