@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import speechllm
 from speechllm.asr import ASRModel, prepare_clip
 from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, pad_batch
 from speechllm.data import read_manifest
@@ -56,17 +57,6 @@ def parse_args(argv=None):
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     return fast_dtype(device) if name == "auto" else getattr(torch, name)
-
-
-def load_model(path: Path, dtype, device):
-    kind = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").is_file() else None
-    if kind == "fastconformer_ctc":
-        return ASRModel.from_pretrained(path, dtype=dtype).to(device)
-    if kind == "speechllm":
-        return SpeechLLM.from_pretrained(path, dtype=dtype).to(device)
-    if kind == "sortformer":
-        return SortFormer.from_pretrained(path).to(device)
-    raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json missing, or model_type {kind!r} unknown)")
 
 
 def load_clips(items, max_seconds: float, min_samples: int):
@@ -137,7 +127,7 @@ def main(argv=None) -> int:
         return 2
     path = Path(args.checkpoint) if args.checkpoint else DEMO
     try:
-        model = load_model(path, pick_dtype(args.dtype, args.device), args.device)
+        model = speechllm.load(path, pick_dtype(args.dtype, args.device), args.device)
         utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
 from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio, pad_batch
-from .convert import (NEMO_CTC_KEYS, NEMO_CTC_TARGETS, NEMO_MULTITALKER_KEYS, NEMO_MULTITALKER_TARGETS,
-                      NEMO_SPK_KERNEL_KEYS, ConversionError, NemoArchive, dropped_keys, read_nemo_tokenizer, remap)
+from .convert import (NEMO_CTC_KEYS, ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model,
+                      read_nemo_tokenizer, remap)
 from .fastconformer import FastConformer, FastConformerConfig
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 
@@ -168,21 +168,18 @@ class ASRModel(nn.Module):
         archive = NemoArchive(path)
         try:
             target = archive.target
-            ctc = target.endswith(NEMO_CTC_TARGETS)
-            if not ctc and not target.endswith(NEMO_MULTITALKER_TARGETS):
+            kind, table = nemo_model(target)
+            if kind != "fastconformer_ctc":
                 raise ConversionError(
                     f"{path}: model class {target or '(none)'} is not an ASR model we can import "
-                    f"(supported: {', '.join(NEMO_CTC_TARGETS + NEMO_MULTITALKER_TARGETS)})"
+                    f"(supported: {', '.join(nemo_classes('fastconformer_ctc'))})"
                 )
+            ctc = table is NEMO_CTC_KEYS  # else the multitalker RNNT model: encoder and kernels only
             c = archive.config
             pre = PreprocessorConfig.from_nemo(c["preprocessor"], legacy=legacy_frontend)
             enc = FastConformerConfig.from_nemo(c["encoder"])
             speaker = SpeakerKernelConfig.from_nemo(c, enc)
             vocab = int(c["decoder"]["num_classes"]) if ctc else None
-            if ctc:
-                table = NEMO_CTC_KEYS | (NEMO_SPK_KERNEL_KEYS if speaker else {})
-            else:
-                table = NEMO_MULTITALKER_KEYS
             model = cls(ASRConfig(pre, enc, vocab, speaker), read_nemo_tokenizer(archive))
             source = archive.state_dict()
             sd = remap(table, source, model.state_dict(), f"{path} ({target})")

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .asr import ASRModel
 from .audio import LogMelFrontend, PreprocessorConfig
 from .convert import remap
 from .fastconformer import FastConformer, FastConformerConfig
@@ -30,7 +31,7 @@ from .projector import ProjectorConfig, build_projector
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
-from .tokenizer import TAGS, Tokenizer, format_chat
+from .tokenizer import TAGS, Tokenizer, fit_embeddings, format_chat
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -298,9 +299,6 @@ def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | None = None, pr
     """A fresh Speech-LLM, the Stage-1 starting point: the preprocessor and encoder of a NeMo
     FastConformer archive, a Hugging Face Qwen2 directory, a new projector, and the <audio> and tag
     tokens. Pretrained weights are kept as they are; only new parameters are initialised."""
-    from .asr import ASRModel
-    from .tokenizer import fit_embeddings
-
     asr = ASRModel.from_nemo(encoder_nemo)
     llm = Qwen2ForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     prompt = prompt or PromptConfig()

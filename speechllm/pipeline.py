@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, feature_lengths, load_audio
+from .sortformer import SortFormer, format_rttm, probs_to_segments
 from .speaker import FRAME_S, Segment, masks_from_probs, speaker_activity, target_masks
 
 AUTO_WINDOW_S = 0.5  # "auto" compares the speakers over this much audio before talk stops
@@ -191,8 +192,6 @@ def write_manifest_rttms(manifest, out_manifest, diarizer, rttm_dir=None, thresh
     <out_manifest stem>_rttm/ beside it), and write out_manifest: the same entries plus
     "rttm_filepath" (relative to out_manifest's folder when inside it). Relative audio paths are
     rewritten for out_manifest's folder. The input is never overwritten. Returns the number of entries."""
-    from .sortformer import format_rttm, probs_to_segments
-
     manifest, out_manifest = Path(manifest), Path(out_manifest)
     if out_manifest.resolve() == manifest.resolve():
         raise ValueError(f"{out_manifest}: refusing to overwrite the input manifest; name a new file")
@@ -231,8 +230,6 @@ def relative_to(path: Path, folder: Path) -> str:
 
 def main(argv=None) -> int:
     """python -m speechllm.pipeline MANIFEST --diarizer DIR --out NEW_MANIFEST [--rttm-dir DIR]"""
-    from .sortformer import SortFormer
-
     p = argparse.ArgumentParser(prog="python -m speechllm.pipeline",
                                 description="Write RTTM files for a manifest with a SortFormer diarizer "
                                             "and a new manifest that points to them (rttm_filepath).")

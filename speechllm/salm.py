@@ -38,24 +38,13 @@ import torch
 from safetensors import safe_open
 
 from .audio import PreprocessorConfig
-from .convert import ConversionError, remap
+from .convert import SALM_KEYS, ConversionError, remap
 from .fastconformer import FastConformerConfig
 from .generate import Generation, generate
 from .model import PromptConfig, SpeechLLM, SpeechLLMConfig
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config
 from .tokenizer import TAGS, Tokenizer, format_chat
-
-# SALM key prefix -> ours. The tied head comes from the file's alias metadata (see load_state).
-SALM_KEYS = {
-    "embed_tokens.": "llm.model.embed_tokens.",
-    "llm.model.": "llm.model.",
-    "llm.lm_head.": "llm.lm_head.",
-    "perception.preprocessor.featurizer.": "preprocessor.",
-    "perception.encoder.": "encoder.",
-    "perception.modality_adapter.": "projector.modality_adapter.",
-    "perception.proj.": "projector.proj.",
-}
 
 PROMPT_FORMATS = ("qwen",)  # NeMo PromptFormatter names we reproduce
 

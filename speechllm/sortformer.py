@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .audio import LogMelFrontend, PreprocessorConfig
-from .convert import NEMO_SORTFORMER_KEYS, NEMO_SORTFORMER_TARGETS, ConversionError, NemoArchive, dropped_keys, remap
+from .convert import ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
 
 log = logging.getLogger(__name__)
@@ -254,14 +254,15 @@ class SortFormer(nn.Module):
         archive = NemoArchive(path)
         try:
             target = archive.target
-            if not target.endswith(NEMO_SORTFORMER_TARGETS):
+            kind, table = nemo_model(target)
+            if kind != "sortformer":
                 raise ConversionError(f"{path}: model class {target or '(none)'} is not a SortFormer diarizer "
-                                      f"(supported: {', '.join(NEMO_SORTFORMER_TARGETS)})")
+                                      f"(supported: {', '.join(nemo_classes('sortformer'))})")
             model = cls(SortFormerConfig.from_nemo(archive.config, legacy_frontend))
             source = archive.state_dict()
-            sd = remap(NEMO_SORTFORMER_KEYS, source, model.state_dict(), f"{path} ({target})")
+            sd = remap(table, source, model.state_dict(), f"{path} ({target})")
             model.load_state_dict(sd, strict=True)
-            log.info("%s: left out, unused by the offline forward: %s", path, ", ".join(dropped_keys(NEMO_SORTFORMER_KEYS, source)))
+            log.info("%s: left out, unused by the offline forward: %s", path, ", ".join(dropped_keys(table, source)))
         finally:
             archive.close()
         return model.eval()

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 AUDIO = "<audio>"
 TAGS = ("<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>")
@@ -127,8 +128,6 @@ def fit_embeddings(model, tokenizer: Tokenizer) -> int:
 def train_tokenizer(texts, vocab_size: int = 512) -> Tokenizer:
     """A byte-level BPE trained on `texts`, with Qwen's special tokens (<|endoftext|>, <|im_start|>,
     <|im_end|>) and ours: for small models trained from scratch, such as the synthetic-speech demo."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import speechllm
+from speechllm.asr import ASRModel
 from speechllm.convert import ConversionError, inspect, load_checkpoint_into, read_checkpoint
 from speechllm.model import SpeechLLM, assemble
+from speechllm.sortformer import SortFormer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +118,21 @@ def test_inspect_places_every_tensor(fixtures, trained, tmp_path):
     notes, rows = inspect(tmp_path / "step.pt")
     assert any("component" in n for n in notes)
     assert dict((r[0], r[3]) for r in rows)["encoder.decoder.decoder_layers.0.weight"] == "dropped"
+
+
+def test_load_and_from_nemo_pick_the_class_by_model_type(fixtures, tmp_path):
+    diarizer = speechllm.from_nemo(fixtures / "diar_sortformer.nemo")
+    asr = speechllm.from_nemo(fixtures / "asr_ctc.nemo")
+    assert isinstance(diarizer, SortFormer) and isinstance(asr, ASRModel)
+    diarizer.save_pretrained(tmp_path / "diar")
+    asr.save_pretrained(tmp_path / "asr")
+    assert isinstance(speechllm.load(tmp_path / "diar"), SortFormer)
+    half = speechllm.load(tmp_path / "asr", dtype=torch.bfloat16)
+    assert half.encoder.pre_encode.out.weight.dtype == torch.bfloat16 and half.preprocessor.fb.dtype == torch.float32
+    archive = speechllm.load(fixtures / "asr_ctc.nemo", dtype=torch.bfloat16)
+    assert equal_models(archive, half)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        speechllm.load(tmp_path)
 
 
 def run(*args):
