@@ -42,6 +42,7 @@ from speechllm.pipeline import encoder_frames, rttm_masks
 from speechllm.speaker import SpeakerKernelConfig, build_kernels
 from speechllm.speaker import init_weights as init_speaker_kernels
 from speechllm.train_config import load_config
+from speechllm.weights import write_json
 
 print0 = dist.print0
 
@@ -409,7 +410,7 @@ def train(cfg, args, d: dist.Dist) -> int:
                 log.record(step, "dev", metrics)
                 if better(metrics, loop["best"], tc.monitor):
                     loop["best"] = {"step": step, "monitor": tc.monitor, "value": metrics[tc.monitor]}
-                    checkpoint.write_json(out / "best.json", loop["best"])
+                    write_json(out / "best.json", loop["best"])
             loop["best"] = dist.broadcast(loop["best"], d)
             t_last, timed_steps, samples_seen = time.perf_counter(), 0, 0  # eval time is not training speed
         if step % tc.save_every_n_steps == 0 or last:

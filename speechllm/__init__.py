@@ -3,7 +3,6 @@
     model = speechllm.load("checkpoints/tt")          # any directory convert_weights.py or train.py wrote
     model = speechllm.from_nemo("parakeet.nemo")       # or a NeMo archive, read in place
 """
-import json
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from .salm import load_salm
 from .sortformer import SortFormer
 from .speaker import SpeakerKernelConfig
 from .tokenizer import Tokenizer
+from .weights import read_json
 
 
 def load(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -30,7 +30,7 @@ def load(path, dtype: torch.dtype | None = None, device="cpu"):
         model = from_nemo(path)
         return (model.to(dtype) if dtype is not None and isinstance(model, ASRModel) else model).to(device)
     config = path / "config.json"
-    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    kind = read_json(config).get("model_type") if config.is_file() else None
     if kind == "fastconformer_ctc":
         return ASRModel.from_pretrained(path, dtype=dtype).to(device)
     if kind == "speechllm":

@@ -12,7 +12,6 @@ Key renaming is a visible table per source format, all of them in the block belo
 one and reports every problem at once: source tensors nothing consumed, target tensors nothing
 filled, and shape mismatches.
 """
-import json
 import os
 import tarfile
 import tempfile
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+
+from .weights import ConversionError, check_fit, headers, read_json, short
 
 # ----------------------------------------------------------------------------------------------
 # key tables: source key prefix -> our key prefix; the longest matching prefix wins. Our module names
@@ -124,10 +124,6 @@ def nemo_classes(model_type: str) -> list[str]:
     return [c for c, (kind, _) in NEMO_MODELS.items() if kind == model_type]
 
 
-class ConversionError(ValueError):
-    pass
-
-
 def place(table: dict, source: dict) -> tuple[dict, dict, list[str]]:
     """Rename `source` keys with `table`: the longest matching prefix is replaced by its target, and a
     None target drops the key on purpose. -> (our key -> tensor, source key -> our key or None,
@@ -146,40 +142,15 @@ def place(table: dict, source: dict) -> tuple[dict, dict, list[str]]:
 
 def remap(table: dict, source: dict, expected: dict, what: str) -> dict:
     """`place` `source` with `table` and check the result against `expected` (our key -> tensor or
-    shape). Raises ConversionError listing every problem."""
-    out, _, unused = place(table, source)
-    missing = sorted(set(expected) - set(out))
-    unexpected = sorted(set(out) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(_shape(expected[k]))}"
-        for k in sorted(set(out) & set(expected))
-        if tuple(out[k].shape) != tuple(_shape(expected[k]))
-    ]
-    problems = []
-    if unused:
-        problems.append(f"{len(unused)} tensors nothing maps: {_short(unused)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors the model does not have: {_short(unexpected)}")
-    if missing:
-        problems.append(f"{len(missing)} model tensors missing from the checkpoint: {_short(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_short(mismatched)}")
-    if problems:
-        raise ConversionError(f"cannot import {what}:\n  " + "\n  ".join(problems))
+    shape). Raises ConversionError listing every problem (weights.check_fit)."""
+    out, _, unplaced = place(table, source)
+    check_fit(out, expected, what, unplaced)
     return out
 
 
 def dropped_keys(table: dict, source: dict) -> list[str]:
     """Source keys that `table` deliberately leaves out (their longest matching prefix maps to None)."""
     return [k for k, ours in place(table, source)[1].items() if ours is None]
-
-
-def _shape(x):
-    return x.shape if hasattr(x, "shape") else x
-
-
-def _short(names, n=20):
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,19 +314,13 @@ def load_checkpoint_into(model, path, lora_scaling: float | None = None) -> list
     if model.cfg.llm.tie_word_embeddings:
         ours.pop("llm.lm_head.weight", None)  # tied: the embedding is the head
         expected = {k: v for k, v in expected.items() if k != "llm.lm_head.weight"}
+    check_fit(ours, expected, str(path), strict=False)  # missing or mis-shaped tensors stop it
     unknown = sorted(set(ours) - set(expected))
-    missing = sorted(set(expected) - set(ours))
-    wrong = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in sorted(set(ours) & set(expected)) if ours[k].shape != expected[k].shape]
-    if missing or wrong:
-        problems = ([f"{len(missing)} model tensors not in the checkpoint: {_short(missing)}"] if missing else []) + (
-            [f"{len(wrong)} shape mismatches: {_short(wrong)}"] if wrong else [])
-        raise ConversionError(f"{path}: does not fit the model:\n  " + "\n  ".join(problems))
     model.load_state_dict({k: ours[k] for k in expected}, strict=False, assign=False)
     dropped = [k for k, v in where.items() if v is None]
     return notes + [f"loaded {len(expected)} tensors"] + (
-        [f"not placed (no rule for them): {_short(unplaced + unknown)}"] if unplaced or unknown else []) + (
-        [f"deliberately dropped: {_short(dropped)}"] if dropped else [])
+        [f"not placed (no rule for them): {short(unplaced + unknown)}"] if unplaced or unknown else []) + (
+        [f"deliberately dropped: {short(dropped)}"] if dropped else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,38 +340,24 @@ def inspect(path) -> tuple[list[str], list[tuple[str, tuple, str, str]]]:
         table = nemo_model(target)[1] or NEMO_CTC_KEYS  # an unknown class: where a CTC model's would go
         return [f"NeMo archive, model class {target}"], _rows(sd, table)
     if path.suffix == ".safetensors":
-        return ["safetensors file (keys as stored)"], _rows(_safetensors_headers([path]), {"": ""})
+        return ["safetensors file (keys as stored)"], _rows(headers(path), {"": ""})
     sd, notes = read_checkpoint(path)
     return ["torch checkpoint (weights_only)"] + notes, _rows(sd, SPEECHLLM_CKPT_KEYS)
 
 
 def _inspect_dir(path: Path):
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     kind = cfg.get("model_type")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors files to inspect")
-    headers = _safetensors_headers(files)
+    found = {name: header for file in files for name, header in headers(file).items()}
     if kind == "qwen2":
         return [f"Hugging Face Qwen2 directory ({len(files)} file(s)); in a Speech-LLM these sit under llm."], \
-            _rows(headers, {"": "llm."})
+            _rows(found, {"": "llm."})
     if kind == "nemo_speechlm":
-        return ["NeMo SALM directory"], _rows(headers, SPEECHLLM_CKPT_KEYS)
-    return [f"speechllm directory, model_type {kind}"], _rows(headers, {"": ""})
-
-
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _safetensors_headers(files) -> dict:
-    out = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out[name] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
-    return out
+        return ["NeMo SALM directory"], _rows(found, SPEECHLLM_CKPT_KEYS)
+    return [f"speechllm directory, model_type {kind}"], _rows(found, {"": ""})
 
 
 def _rows(sd: dict, table: dict):

@@ -12,7 +12,6 @@ position where the tag is written.
 
 Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
 """
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,11 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from .asr import ASRModel
 from .audio import LogMelFrontend, PreprocessorConfig
-from .convert import remap
 from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
 from .projector import ProjectorConfig, build_projector
@@ -32,6 +29,7 @@ from .qwen2 import Qwen2Config, Qwen2ForCausalLM
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
 from .tokenizer import TAGS, Tokenizer, fit_embeddings, format_chat
+from .weights import read_json, read_state, require, save_dir
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -251,35 +249,31 @@ class SpeechLLM(nn.Module):
     def save_pretrained(self, path) -> None:
         """config.json, model.safetensors (the tied LM head stored once), tokenizer.json (+ config),
         and the encoder's SentencePiece model as encoder_tokenizer.model."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = self.state_dict()
         if self.cfg.llm.tie_word_embeddings:
-            del state["llm.lm_head.weight"]
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        save_file(state, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
-        (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+            del state["llm.lm_head.weight"]  # safetensors refuses tensors that share memory
         self.tokenizer.save_pretrained(path)
-        if self.encoder_tokenizer is not None:
-            (path / "encoder_tokenizer.model").write_bytes(self.encoder_tokenizer)
+        spm = {"encoder_tokenizer.model": self.encoder_tokenizer} if self.encoder_tokenizer is not None else {}
+        save_dir(path, self.cfg.to_dict(), state, spm)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "SpeechLLM":
         """Load a directory written by save_pretrained. dtype None keeps the stored dtype; the
         log-mel frontend always stays float32."""
         path = Path(path)
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path}: not a Speech-LLM checkpoint directory ({name} is missing)")
-        cfg = SpeechLLMConfig.from_dict(json.loads((path / "config.json").read_text()))
+        require(path, ("config.json", "model.safetensors", "tokenizer.json"), "a Speech-LLM checkpoint directory")
+        cfg = SpeechLLMConfig.from_dict(read_json(path / "config.json"))
         tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *cfg.prompt.tags))
         spm = path / "encoder_tokenizer.model"
         with torch.device("meta"):
             model = cls(cfg, tok, spm.read_bytes() if spm.is_file() else None)
-        state = load_file(path / "model.safetensors")
-        if cfg.llm.tie_word_embeddings:
+        expected = model.state_dict()
+        tied = cfg.llm.tie_word_embeddings
+        if tied:  # the file holds the embedding once (a head stored anyway is ignored)
+            del expected["llm.lm_head.weight"]
+        state = read_state(path, expected, ignore=("llm.lm_head.weight",) if tied else ())
+        if tied:
             state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
-        state = remap({"": ""}, state, model.state_dict(), str(path / "model.safetensors"))  # lists any misfit
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.llm.tie_word_embeddings:
             model.llm.tie_weights()  # assign=True gave the head its own Parameter object

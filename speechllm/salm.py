@@ -31,11 +31,9 @@ special tokens after the audio tag, on spare embedding rows (404.. in the fixtur
 Qwen2.5), and those rows keep whatever the checkpoint holds there, untrained. Fine-tuning for
 turn-taking should start them from the mean row (model.init_new_token_rows) first.
 """
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .audio import PreprocessorConfig
 from .convert import SALM_KEYS, ConversionError, remap
@@ -45,15 +43,15 @@ from .model import PromptConfig, SpeechLLM, SpeechLLMConfig
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config
 from .tokenizer import TAGS, Tokenizer, format_chat
+from .weights import open_safetensors, read_json, require
 
 PROMPT_FORMATS = ("qwen",)  # NeMo PromptFormatter names we reproduce
 
 
 def read_config(path: Path) -> dict:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "llm_backbone/config.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not a SALM checkpoint directory ({name} is missing)")
-    cfg = json.loads((path / "config.json").read_text())
+    require(path, ("config.json", "model.safetensors", "tokenizer.json", "llm_backbone/config.json"),
+            "a SALM checkpoint directory")
+    cfg = read_json(path / "config.json")
     if cfg.get("prompt_format") not in PROMPT_FORMATS:
         raise ConversionError(f"{path}: prompt_format {cfg.get('prompt_format')!r} is not supported "
                               f"(only {', '.join(PROMPT_FORMATS)})")
@@ -83,7 +81,7 @@ def load_state(path: Path) -> dict:
     """model.safetensors -> {key: tensor}, with tensors that safetensors dropped as duplicates
     (metadata {alias: key}, e.g. llm.lm_head.weight -> embed_tokens.weight) put back."""
     state = {}
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         for key in f.keys():
             state[key] = f.get_tensor(key)
         for alias, key in (f.metadata() or {}).items():
@@ -101,7 +99,7 @@ def load_salm(path, user_prompt: str | None = None) -> SpeechLLM:
     path = Path(path)
     cfg = read_config(path)
     tag = cfg["audio_locator_tag"]
-    llm = Qwen2Config.from_hf(json.loads((path / "llm_backbone" / "config.json").read_text()))
+    llm = Qwen2Config.from_hf(read_json(path / "llm_backbone" / "config.json"))
     config = salm_config(cfg, llm, user_prompt or f"Transcribe the following: {tag}")
     tokenizer = Tokenizer.from_pretrained(path, extra_special_tokens=(tag, *TAGS))
     with torch.device("meta"):

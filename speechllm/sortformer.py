@@ -17,7 +17,6 @@ up to 4. Matches NeMo 3.0.0 (diar_sortformer_4spk-v1 layout) to float32 rounding
   table in convert.py lists it as deliberately dropped.
 - Output frames past each item's length are exactly 0.
 """
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
@@ -26,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from .audio import LogMelFrontend, PreprocessorConfig
 from .convert import ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
+from .weights import read_json, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
 
@@ -270,21 +269,15 @@ class SortFormer(nn.Module):
     @classmethod
     def from_pretrained(cls, path) -> "SortFormer":
         path = Path(path)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path}: not a SortFormer checkpoint directory ({name} is missing)")
-        cfg = SortFormerConfig.from_dict(json.loads((path / "config.json").read_text()))
+        require(path, ("config.json", "model.safetensors"), "a SortFormer checkpoint directory")
+        cfg = SortFormerConfig.from_dict(read_json(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
-        sd = remap({"": ""}, load_file(path / "model.safetensors"), model.state_dict(), str(path / "model.safetensors"))
-        model.load_state_dict(sd, strict=True, assign=True)
+        model.load_state_dict(read_state(path, model.state_dict()), strict=True, assign=True)
         return model.eval()
 
     def save_pretrained(self, path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        save_dir(path, self.cfg.to_dict(), self.state_dict())
 
 
 # -----------------------------------------------------------------------------

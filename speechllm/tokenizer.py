@@ -9,11 +9,12 @@ embedding rows leave 271 spare), 403.. for the test fixture; a token already pre
 Chat format is ChatML, "<|im_start|>{role}\n{content}<|im_end|>\n" per message, with no default
 system turn (Qwen's template inserts one; we do not).
 """
-import json
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .weights import read_json, write_bytes, write_json
 
 AUDIO = "<audio>"
 TAGS = ("<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>")
@@ -51,7 +52,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json")
         config = {}
         if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+            config = read_json(path / "tokenizer_config.json")
         eos = _content(config.get("eos_token")) or "<|endoftext|>"
         return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), eos,
                    _content(config.get("pad_token")), extra_special_tokens)
@@ -61,10 +62,10 @@ class Tokenizer:
         naming the eos and pad tokens."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path / "tokenizer.json"))
+        write_bytes(path / "tokenizer.json", self.tokenizer.to_str(pretty=True).encode())
         config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "add_bos_token": False,
                   "eos_token": self.eos_token, "pad_token": self.pad_token}
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(path / "tokenizer_config.json", config)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -333,7 +333,7 @@ def test_bad_tensors_are_all_listed(tmp_path, hf_config, hf_weights):
     assert str(tmp_path) in message
     for name in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight",  # missing
                  "model.layers.2.mlp.up_proj.weight",  # unexpected
-                 "model.layers.0.self_attn.k_proj.weight: file (16, 64) vs model (32, 64)"):
+                 "model.layers.0.self_attn.k_proj.weight: checkpoint (16, 64) vs model (32, 64)"):
         assert name in message
 
 
