@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from speechllm import checkpoint, dist
+from speechllm.activity import encoder_frames, grid_of, rttm_masks
 from speechllm.precision import fast_dtype
 from speechllm.data import ClipDataset, EpochPlan, ManifestError, collate, draw_probabilities, load_split
 from speechllm.lora import adapter_names, adapter_state, merged_state_dict
@@ -38,7 +39,6 @@ from speechllm.metrics import classification_report, wer
 from speechllm.model import PromptConfig, SpeechLLM, assemble
 from speechllm.optim import build_optimizer, get_lr, set_train_mode, setup_trainable, trainable_table
 from speechllm.projector import ProjectorConfig, build_projector
-from speechllm.pipeline import encoder_frames, rttm_masks
 from speechllm.speaker import SpeakerKernelConfig, build_kernels
 from speechllm.speaker import init_weights as init_speaker_kernels
 from speechllm.train_config import load_config
@@ -139,7 +139,7 @@ def speaker_masks(model: SpeechLLM, batch: dict, device):
                 for segs, dur in zip(batch["speakers"], batch["duration"])]
     # No target_speaker: the one talking when talk stops, infer.py's --target-speaker auto.
     targets = [t if t is not None else "auto" for t in batch["target_speaker"]]
-    s, g, _ = rttm_masks(segments, frames, list(batch["duration"]), targets)
+    s, g, _ = rttm_masks(segments, frames, list(batch["duration"]), targets, grid_of(model.cfg))
     return s.to(device), g.to(device)
 
 

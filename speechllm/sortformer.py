@@ -33,9 +33,6 @@ from .weights import read_json, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
 
-FRAME_S = 0.08  # one output row per encoder frame: 8 mel frames of 10 ms
-
-
 @dataclass(frozen=True)
 class TransformerConfig:
     """NeMo TransformerEncoder arguments (post-LN only); defaults are diar_sortformer_4spk-v1's."""
@@ -240,7 +237,7 @@ class SortFormer(nn.Module):
     def diarize(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):
         """audio (B, N) float at 16 kHz, lengths (B,) samples -> speaker probabilities (B, T, S) per 80 ms
         frame, zero past each item's length, and lengths (B,) frames. Items share one peak scale, as
-        in NeMo; see `probs_to_segments` for turning probabilities into segments."""
+        in NeMo; activity.probs_to_segments turns probabilities into segments."""
         if lengths is None:
             lengths = torch.full(audio.shape[:1], audio.shape[1], dtype=torch.long)
         device = next(self.parameters()).device
@@ -278,35 +275,3 @@ class SortFormer(nn.Module):
 
     def save_pretrained(self, path) -> None:
         save_dir(path, self.cfg.to_dict(), self.state_dict())
-
-
-# -----------------------------------------------------------------------------
-# segments and RTTM
-
-
-def probs_to_segments(probs: torch.Tensor, threshold: float = 0.5, min_duration: float = 0.0,
-                      frame_s: float = FRAME_S) -> list[tuple[float, float, str]]:
-    """One item's valid frames (T, S) -> [(start s, end s, "speaker_<k>")], sorted by start.
-
-    Frame t is active when its probability is above `threshold` and spans [t, t + 1) * frame_s; a
-    run of active frames is one segment, kept if it lasts at least `min_duration` seconds. With the
-    defaults this is NeMo's default diarize() post-processing (onset = offset = 0.5, no padding)."""
-    active = F.pad((probs > threshold).to(torch.int8).T, (1, 1))  # (S, T + 2), a silent frame each side
-    edges = active.diff(dim=1)  # +1 at an onset, -1 one past an offset
-    segments = []
-    for k in range(active.shape[0]):
-        starts = (edges[k] == 1).nonzero().flatten().tolist()
-        ends = (edges[k] == -1).nonzero().flatten().tolist()
-        for a, b in zip(starts, ends):
-            if (b - a) * frame_s >= min_duration:
-                segments.append((round(a * frame_s, 6), round(b * frame_s, 6), f"speaker_{k}"))
-    return sorted(segments, key=lambda seg: (seg[0], seg[2]))
-
-
-def format_rttm(segments, file_id: str) -> str:
-    """[(start, end, speaker)] -> RTTM text: one 'SPEAKER <file> 1 <onset> <duration> <NA> <NA>
-    <speaker> <NA> <NA>' line per segment, times in seconds to the millisecond."""
-    if not file_id or any(c.isspace() for c in file_id):
-        raise ValueError(f"RTTM file id {file_id!r} must be non-empty and contain no whitespace")
-    return "".join(f"SPEAKER {file_id} 1 {start:.3f} {end - start:.3f} <NA> <NA> {spk} <NA> <NA>\n"
-                   for start, end, spk in segments)

@@ -1,9 +1,12 @@
 """Shared test helpers. Run the suite with: python -m pytest -q tests"""
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Upstream reference outputs live beside the checkout, read-only: ../shared/fixtures.
 FIXTURES = Path(os.environ.get("SPEECHLLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
@@ -28,3 +31,12 @@ def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+def load_script(name: str):
+    """A top-level script (infer, convert_weights, train) as a module, so that tests call its
+    main(argv) in this process instead of paying for a new interpreter and torch import."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -14,8 +14,8 @@ from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
 from speechllm.convert import NEMO_SORTFORMER_KEYS, ConversionError, NemoArchive, dropped_keys
 from speechllm.fastconformer import make_pad_mask
-from speechllm.sortformer import SortFormer, format_rttm, peak_scale, probs_to_segments
-from speechllm.speaker import read_rttm
+from speechllm.activity import probs_to_segments
+from speechllm.sortformer import SortFormer, peak_scale
 
 TOL = 1e-4
 RUNS = {"batch": [0, 1], "single0": [0], "single1": [1]}  # indices into the JSON's batch_clips
@@ -97,28 +97,6 @@ def test_segments_match_nemo_postprocessing(model, ref, ref_json, fixtures, run)
     assert nemo_lines(probs_to_segments(ref[f"{run}.preds"][0, :n])) == expected
     probs, lens = model.diarize(*inputs(fixtures, ref_json, run))
     assert nemo_lines(probs_to_segments(probs[0, : lens[0]])) == expected
-
-
-def test_probs_to_segments_threshold_and_min_duration():
-    probs = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.2, 0.7], [0.1, 0.8], [0.7, 0.9]])  # (T=5, S=2)
-    assert probs_to_segments(probs) == [(0.0, 0.16, "speaker_0"), (0.16, 0.4, "speaker_1"), (0.32, 0.4, "speaker_0")]
-    assert probs_to_segments(probs, threshold=0.65) == [(0.0, 0.08, "speaker_0"), (0.16, 0.4, "speaker_1"),
-                                                        (0.32, 0.4, "speaker_0")]
-    assert probs_to_segments(probs, min_duration=0.1) == [(0.0, 0.16, "speaker_0"), (0.16, 0.4, "speaker_1")]
-    assert probs_to_segments(probs, frame_s=0.5)[0] == (0.0, 1.0, "speaker_0")
-    assert probs_to_segments(torch.zeros(7, 4)) == []
-
-
-def test_rttm_round_trip(tmp_path):
-    segments = [(0.0, 0.16, "speaker_0"), (0.16, 2.4, "speaker_1"), (1.04, 1.6, "speaker_0")]
-    text = format_rttm(segments, "mix_01")
-    assert text.splitlines()[1] == "SPEAKER mix_01 1 0.160 2.240 <NA> <NA> speaker_1 <NA> <NA>"
-    (tmp_path / "mix.rttm").write_text(text)
-    back = read_rttm(tmp_path / "mix.rttm")["mix_01"]
-    assert [spk for _, _, spk in back] == [spk for _, _, spk in segments]
-    assert torch.allclose(torch.tensor([s[:2] for s in back]), torch.tensor([s[:2] for s in segments]), atol=1e-6)
-    with pytest.raises(ValueError, match="whitespace"):
-        format_rttm(segments, "two words")
 
 
 def test_save_and_load_pretrained_round_trip(model, ref_json, fixtures, tmp_path):

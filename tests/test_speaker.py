@@ -1,5 +1,5 @@
 """Speaker kernels against NeMo 3.0.0's EncDecMultiTalkerRNNTBPEModel (asr_spk_kernel.nemo) through
-ASRModel.encode, and the RTTM / segment -> mask helpers. Run: python -m pytest -q tests/test_speaker.py"""
+ASRModel.encode. Run: python -m pytest -q tests/test_speaker.py"""
 import io
 import json
 import logging
@@ -15,8 +15,7 @@ from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
 from speechllm.convert import NemoArchive
 from speechllm.fastconformer import FastConformerConfig
-from speechllm.speaker import (SpeakerKernelConfig, batch_target_masks, build_kernels, fit_mask, init_weights,
-                               kernel_hook, masks_from_probs, read_rttm, speaker_activity, target_masks)
+from speechllm.speaker import SpeakerKernelConfig, build_kernels, fit_mask, init_weights, kernel_hook
 
 TOL = 1e-4
 
@@ -202,83 +201,3 @@ def test_speaker_kernel_config_checks():
         build_kernels(SpeakerKernelConfig(layers=(0, 2)), 32, 2)
     cfg = SpeakerKernelConfig(layers=(3, 5), background=False)
     assert SpeakerKernelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# activity masks from RTTM and segments
-
-# audio_2spk.wav (diar_sortformer_ref.json "mix"): A 0.1 - 2.222875 s, B 1.672875 - 3.9079375 s.
-MIX_RTTM = """;; two espeak voices
-SPKR-INFO mix 1 <NA> <NA> <NA> unknown B <NA> <NA>
-SPEAKER mix 1 1.672875 2.2350625 <NA> <NA> B <NA> <NA>
-SPEAKER mix 1 0.100 2.122875 <NA> <NA> A <NA> <NA>
-
-SPEAKER other 1 0.5 1.0 <NA> <NA> C <NA> <NA>
-"""
-MIX_DURATION = 64927 / 16000
-
-
-def test_read_rttm(tmp_path):
-    (tmp_path / "a.rttm").write_text(MIX_RTTM)
-    got = read_rttm(tmp_path / "a.rttm")
-    assert list(got) == ["mix", "other"]
-    assert [spk for _, _, spk in got["mix"]] == ["B", "A"]
-    assert got["mix"][1][0] == 0.1 and abs(got["mix"][1][1] - 2.222875) < 1e-9
-    assert got["other"] == [(0.5, 1.5, "C")]
-    (tmp_path / "b.rttm").write_text("SPEAKER x 1 0.0 1.0 <NA> <NA> A <NA> <NA>\n\nSPEAKER x 1 zero\n")
-    with pytest.raises(ValueError, match="b.rttm:3"):
-        read_rttm(tmp_path / "b.rttm")
-
-
-def test_activity_follows_nemo_training_labels():
-    # A segment from frame 2's start to frame 5's start covers cells 16..39 of the 10 ms grid. Frame i
-    # averages cells 8i-5 .. 8i+3: frame 2 sees 4/9 of them active, 3 and 4 all, 5 sees 5/9.
-    act, speakers = speaker_activity([(0.16, 0.40, "A")], 8)
-    assert speakers == ["A"] and act[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
-    soft, _ = speaker_activity([(0.16, 0.40, "A")], 8, soft=True)
-    assert torch.allclose(soft[0], torch.tensor([0, 0, 4 / 9, 1, 1, 5 / 9, 0, 0]))
-    # Frame 0 averages cells 0..3 only; the last frame cells 51..69, to the end of the audio. 0.58 s
-    # is cell 57, not 58: NeMo floors 0.58 * 100 = 57.99999999999999.
-    soft, _ = speaker_activity([(0.0, 0.03, "A"), (0.58, 0.7, "B")], 8, duration=0.7, soft=True)
-    assert torch.allclose(soft[:, 0], torch.tensor([3 / 4, 0])) and torch.allclose(soft[1, 7], torch.tensor(13 / 19))
-    # Speakers come in order of first onset, whatever the order of the segments.
-    _, speakers = speaker_activity([(1.0, 2.0, "late"), (0.5, 0.6, "early"), (0.0, 0.1, "late")], 30)
-    assert speakers == ["late", "early"]
-
-
-def test_target_masks_for_the_two_speaker_mix(tmp_path):
-    (tmp_path / "mix.rttm").write_text(MIX_RTTM)
-    segments = read_rttm(tmp_path / "mix.rttm")["mix"]
-    s, g = target_masks(segments, "A", 51, MIX_DURATION)
-    assert s.nonzero().flatten().tolist() == list(range(2, 28))
-    assert g.nonzero().flatten().tolist() == list(range(21, 49))
-    s_b, g_b = target_masks(segments, "B", 51, MIX_DURATION)
-    assert torch.equal(s_b, g) and torch.equal(g_b, s)
-    s_c, g_c = target_masks(segments, "C", 51, MIX_DURATION)  # absent: silent target, both others background
-    assert s_c.sum() == 0 and torch.equal(g_c, torch.maximum(s, g))
-
-
-def test_batch_masks_drive_encode_like_single_clips(model, clips, batch, tmp_path):
-    """Masks for the fixture's batch come out as NeMo's do: (B, T_enc of the longest), one value per
-    80 ms frame, the shorter row padded; batch rows then encode as each clip alone."""
-    (tmp_path / "mix.rttm").write_text(MIX_RTTM)
-    mix = read_rttm(tmp_path / "mix.rttm")["mix"]
-    other = [(0.2, 0.9, "X"), (0.8, 1.5, "Y")]  # made-up turns for audio_1.wav (1.61 s)
-    lengths = [51, 21]
-    s, g = batch_target_masks([mix, other], ["B", "X"], lengths, [MIX_DURATION, len(clips[1]) / 16000])
-    assert s.shape == g.shape == (2, 51) and s[1, 21:].sum() == 0 and g[1, 21:].sum() == 0
-    assert torch.equal(s[0], target_masks(mix, "B", 51, MIX_DURATION)[0])
-    with torch.no_grad():
-        x, enc_lens = model.encode(*batch, s, g)
-        assert enc_lens.tolist() == lengths
-        for i, n in enumerate(lengths):
-            xi, _ = model.encode(*model.features(*pad_batch([clips[i]])), s[i:i + 1, :n], g[i:i + 1, :n])
-            assert (x[i, :n] - xi[0, :n]).abs().max() < 1e-5
-
-
-def test_masks_from_diarizer_probs():
-    probs = torch.tensor([[[0.9, 0.2, 0.1], [0.4, 0.7, 0.0], [0.6, 0.1, 0.55]]])  # (B=1, T=3, S=3)
-    s, g = masks_from_probs(probs, 0)
-    assert torch.equal(s, probs[..., 0]) and g.tolist() == [[0, 1, 1]]
-    s, g = masks_from_probs(probs, 2, binary=True)
-    assert s.tolist() == [[0, 0, 1]] and g.tolist() == [[1, 1, 1]]

@@ -390,7 +390,8 @@ def test_config_errors_and_help(tmp_path, fixtures, capsys):
 def test_default_target_speaker_is_the_one_talking_when_talk_stops(fixtures):
     """Training picks the same speaker as infer.py's --target-speaker auto: B, who talks last."""
     from speechllm.model import assemble
-    from speechllm.speaker import SpeakerKernelConfig, target_masks
+    from speechllm.activity import target_masks
+    from speechllm.speaker import SpeakerKernelConfig
 
     model = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", speaker=SpeakerKernelConfig(layers=(0,)))
     segs = [[0.0, 0.6, "A"], [0.5, 1.3, "B"]]
