@@ -38,9 +38,7 @@ from speechllm.lora import adapter_names, adapter_state, merged_state_dict
 from speechllm.metrics import classification_report, wer
 from speechllm.model import PromptConfig, SpeechLLM, assemble
 from speechllm.optim import build_optimizer, get_lr, set_train_mode, setup_trainable, trainable_table
-from speechllm.projector import ProjectorConfig, build_projector
-from speechllm.speaker import SpeakerKernelConfig, build_kernels
-from speechllm.speaker import init_weights as init_speaker_kernels
+from speechllm.speaker import SpeakerKernelConfig
 from speechllm.train_config import load_config
 from speechllm.weights import write_json
 
@@ -69,21 +67,12 @@ def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
         model = SpeechLLM.from_pretrained(resume)
     elif mc.init_from:
         model = SpeechLLM.from_pretrained(mc.init_from)
-    else:
-        model = assemble(mc.pretrained_asr, mc.pretrained_llm, prompt=PromptConfig(**mc.prompt), seed=seed)
-        if mc.projector:  # fields over assemble's projector, which fits the encoder and LLM widths
-            pc = ProjectorConfig.from_dict({**model.cfg.projector.to_dict(), **mc.projector})
-            torch.manual_seed(seed)
-            model.projector = build_projector(pc)
-            model.projector.init_weights()
-            model.cfg = dataclasses.replace(model.cfg, projector=pc)
+    else:  # model.projector: fields over assemble's projector, which fits the encoder and LLM widths
+        model = assemble(mc.pretrained_asr, mc.pretrained_llm, mc.projector, PromptConfig(**mc.prompt), seed=seed)
     if mc.speaker_kernels is not None and resume is None:
         sc = SpeakerKernelConfig.from_dict(mc.speaker_kernels)
         if model.cfg.speaker is None:
-            torch.manual_seed(seed)
-            model.spk_kernels, model.bg_spk_kernels = build_kernels(sc, model.cfg.encoder.d_model, model.cfg.encoder.n_layers)
-            init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
-            model.cfg = dataclasses.replace(model.cfg, speaker=sc)
+            model.new_speaker_kernels(sc, seed)
         elif model.cfg.speaker != sc:
             raise ValueError(f"the model already has speaker kernels {model.cfg.speaker}, not {sc}")
     if mc.tag_loss_weight is not None:

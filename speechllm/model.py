@@ -13,7 +13,7 @@ position where the tag is written.
 Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
 """
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from .audio import LogMelFrontend, PreprocessorConfig
 from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
 from .projector import ProjectorConfig, build_projector
-from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM, init_token_rows
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
 from .tokenizer import TAGS, Tokenizer, fit_embeddings, format_chat
@@ -244,6 +244,24 @@ class SpeechLLM(nn.Module):
             })
         return out
 
+    # -- new parts ---------------------------------------------------------------------------------
+
+    def new_speaker_kernels(self, cfg: SpeakerKernelConfig, seed: int = 0) -> None:
+        """Freshly initialised speaker kernels (speaker.init_weights: they add exactly 0 at first),
+        in place of any the model has. Seeded on their own, so the draw does not depend on what
+        else is new."""
+        torch.manual_seed(seed)
+        self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg, self.cfg.encoder.d_model, self.cfg.encoder.n_layers)
+        init_speaker_kernels(self.spk_kernels, self.bg_spk_kernels)
+        self.cfg = replace(self.cfg, speaker=cfg)
+
+    def new_projector(self, cfg: ProjectorConfig, seed: int = 0) -> None:
+        """A freshly initialised projector (its init_weights), seeded on its own."""
+        torch.manual_seed(seed)
+        self.projector = build_projector(cfg)
+        self.projector.init_weights()
+        self.cfg = replace(self.cfg, projector=cfg)
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def save_pretrained(self, path) -> None:
@@ -278,71 +296,36 @@ class SpeechLLM(nn.Module):
         if cfg.llm.tie_word_embeddings:
             model.llm.tie_weights()  # assign=True gave the head its own Parameter object
         if dtype is not None:
-            model.to(dtype)
+            model.to(dtype)  # the frontend stays float32 (LogMelFrontend._apply)
         model.preprocessor.float()  # also when the file stored the frontend's buffers in bf16
         return model.eval()
 
-    def to(self, *args, **kwargs):
-        super().to(*args, **kwargs)
-        self.preprocessor.float()  # the frontend's window and filterbank stay float32, as NeMo's
-        return self
 
-
-def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | None = None, prompt: PromptConfig | None = None,
+def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = None, prompt: PromptConfig | None = None,
              speaker: SpeakerKernelConfig | None = None, seed: int = 0) -> SpeechLLM:
     """A fresh Speech-LLM, the Stage-1 starting point: the preprocessor and encoder of a NeMo
     FastConformer archive, a Hugging Face Qwen2 directory, a new projector, and the <audio> and tag
-    tokens. Pretrained weights are kept as they are; only new parameters are initialised."""
+    tokens. Pretrained weights are kept as they are; only new parameters are initialised.
+
+    projector: its config, or fields over the default (conv_transformer at the encoder's and the
+    LLM's widths). speaker: new speaker kernels, unless the archive's own (trained) ones have this
+    config; None keeps the archive's, if any."""
     asr = ASRModel.from_nemo(encoder_nemo)
     llm = Qwen2ForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     prompt = prompt or PromptConfig()
     tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *prompt.tags))
     fit_embeddings(llm, tok)
-    d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
-    projector = projector or ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
-    speaker = speaker or asr.cfg.speaker  # an archive's own kernels come along, trained
-    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=speaker)
+    if not isinstance(projector, ProjectorConfig):
+        d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
+        fitted = ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
+        projector = ProjectorConfig.from_dict({**fitted.to_dict(), **(projector or {})})
+    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=asr.cfg.speaker)
     with torch.device("meta"):
         model = SpeechLLM(cfg, tok, asr.tokenizer_model)
     model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
-    torch.manual_seed(seed)
-    if speaker is not None and asr.cfg.speaker == speaker:
-        model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
-    elif speaker is not None:
-        model.spk_kernels, model.bg_spk_kernels = build_kernels(speaker, asr.cfg.encoder.d_model, asr.cfg.encoder.n_layers)
-        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
-    model.projector = build_projector(projector)
-    model.projector.init_weights()
-    init_new_token_rows(llm, [model.audio_id, *model.tag_ids])
+    model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
+    if speaker is not None and speaker != asr.cfg.speaker:
+        model.new_speaker_kernels(speaker, seed)
+    model.new_projector(projector, seed)
+    init_token_rows(llm, [model.audio_id, *model.tag_ids])
     return model.eval()
-
-
-@torch.no_grad()
-def init_new_token_rows(llm: Qwen2ForCausalLM, ids: list[int]) -> None:
-    """Rows of tokens the LLM never saw (ours sit on Qwen's spare, untrained rows) start at the mean
-    of the rows before them: an 'average token' as input, a logit near the average as output."""
-    first = min(ids)
-    heads = [llm.model.embed_tokens.weight] + ([] if llm.config.tie_word_embeddings else [llm.lm_head.weight])
-    for w in heads:
-        w[ids] = w[:first].float().mean(0).to(w.dtype)
-
-
-def from_scratch(cfg: SpeechLLMConfig, tokenizer: Tokenizer, seed: int = 0) -> SpeechLLM:
-    """A Speech-LLM with every weight new (small models such as the synthetic-speech demo).
-    Encoder: PyTorch's default init, as NeMo builds a FastConformer. LLM: N(0, 0.02) for linear and
-    embedding weights, zero biases, unit norms (transformers' initializer_range). Projector and
-    speaker kernels: their own init_weights."""
-    torch.manual_seed(seed)
-    model = SpeechLLM(cfg, tokenizer)
-    with torch.no_grad():
-        for name, p in model.llm.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(std=0.02)
-    model.projector.init_weights()
-    if model.spk_kernels is not None:
-        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
-    return model

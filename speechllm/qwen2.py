@@ -319,20 +319,15 @@ class Qwen2ForCausalLM(nn.Module):
         return (logits, tuple(hidden_states)) if output_hidden_states else logits
 
     def grow_vocab(self, n: int):
-        """Make sure the embedding (and head) have at least n rows; never shrinks.
-
-        New rows start at the mean of the existing rows (computed in float32): a new token's
-        input is an 'average' token and its logit starts near the average logit. transformers
-        instead samples around that mean with the rows' covariance; the mean is deterministic.
-        Build optimizers after calling this: the parameters are replaced."""
+        """Make sure the embedding (and head) have at least n rows; never shrinks. The new rows
+        start as init_token_rows says. Build optimizers after calling this: the parameters are
+        replaced."""
         old = self.config.vocab_size
         if n <= old:
             return
 
         def grown(w):  # (old, D) -> (n, D)
-            mean = w.detach().float().mean(0, keepdim=True).to(w.dtype)
-            return nn.Parameter(torch.cat([w.detach(), mean.expand(n - old, -1)]),
-                                requires_grad=w.requires_grad)
+            return nn.Parameter(torch.cat([w.detach(), w.new_zeros(n - old, w.shape[1])]), requires_grad=w.requires_grad)
 
         embed = self.model.embed_tokens
         embed.weight, embed.num_embeddings = grown(embed.weight), n
@@ -342,6 +337,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = grown(self.lm_head.weight)
         self.lm_head.out_features = n
         self.config = replace(self.config, vocab_size=n)
+        init_token_rows(self, list(range(old, n)))
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu"):
@@ -381,6 +377,19 @@ class Qwen2ForCausalLM(nn.Module):
         gen = {"generation_config.json": (json.dumps(self.generation_config, indent=2) + "\n").encode()} \
             if self.generation_config else {}
         save_dir(path, config, state, gen)
+
+
+@torch.no_grad()
+def init_token_rows(llm: Qwen2ForCausalLM, ids: list[int]) -> None:
+    """The one rule for rows of tokens the LLM never saw (new rows, or ours on Qwen's spare,
+    untrained rows): the embedding row (and an untied head's) starts at the mean of the rows before
+    the first of them, computed in float32: an 'average token' as input, a logit near the average
+    as output. transformers instead samples around that mean with the rows' covariance; the mean is
+    deterministic."""
+    first = min(ids)
+    heads = [llm.model.embed_tokens.weight] + ([] if llm.config.tie_word_embeddings else [llm.lm_head.weight])
+    for w in heads:
+        w[ids] = w[:first].float().mean(0).to(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ Quirks carried over from SALM:
 SALM has no turn-taking tags, but our PromptConfig and SpeechLLM need them: they are added as
 special tokens after the audio tag, on spare embedding rows (404.. in the fixture, 151666.. for
 Qwen2.5), and those rows keep whatever the checkpoint holds there, untrained. Fine-tuning for
-turn-taking should start them from the mean row (model.init_new_token_rows) first.
+turn-taking should start them from the mean row (qwen2.init_token_rows) first.
 """
 from pathlib import Path
 

@@ -184,6 +184,20 @@ def test_features_stay_float32_under_autocast(nemo_cfg, ref):
     assert torch.equal(plain, same)
 
 
+def test_buffers_stay_float32_under_any_cast(nemo_cfg):
+    """.to(dtype), .half(), .bfloat16(), .double(), on the frontend or on a model holding it: the
+    window and filterbank keep float32 and their float32 values (a bf16 round trip would round them)."""
+    frontend = LogMelFrontend(nemo_cfg)
+    fb, window = frontend.fb.clone(), frontend.window.clone()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.double(),
+                 lambda m: m.to("cpu", torch.float16)):
+        cast(frontend)
+        assert frontend.fb.dtype == frontend.window.dtype == torch.float32
+        assert torch.equal(frontend.fb, fb) and torch.equal(frontend.window, window)
+    model = torch.nn.Sequential(LogMelFrontend(nemo_cfg), torch.nn.Linear(2, 2)).bfloat16()
+    assert model[0].fb.dtype == torch.float32 and torch.equal(model[0].fb, fb) and model[1].weight.dtype == torch.bfloat16
+
+
 def reference_log_mel(x, cfg, fb, normalize):
     """float64 numpy log-mel of one unpadded clip, NeMo 3.0.0 semantics, written independently."""
     n_fft, hop, win = cfg.fft_size, cfg.hop_length, cfg.win_length

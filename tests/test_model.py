@@ -9,6 +9,7 @@ from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
 from speechllm.model import IGNORE, PromptConfig, SpeechLLM, assemble
 from speechllm.qwen2 import Qwen2ForCausalLM
+from speechllm.speaker import SpeakerKernelConfig
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,21 @@ def test_special_tokens_use_spare_rows_and_start_at_the_mean(model, fixtures):
     w = model.llm.model.embed_tokens.weight
     torch.testing.assert_close(w[404], stock.model.embed_tokens.weight[:403].mean(0))
     assert torch.equal(w[:403], stock.model.embed_tokens.weight[:403])
+
+
+def test_new_parts_are_seeded_on_their_own(fixtures, model):
+    """assemble's projector: fields over the default fitted to the widths; each new part draws from its
+    own seed, so new speaker kernels beside it do not change the projector."""
+    a = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", projector={"n_layers": 1}, seed=5)
+    assert (a.cfg.projector.n_layers, a.cfg.projector.in_dim, a.cfg.projector.out_dim) == (1, 64, 64)
+    b = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", projector={"n_layers": 1},
+                 speaker=SpeakerKernelConfig(layers=(0,)), seed=5)
+    pa, pb = a.projector.state_dict(), b.projector.state_dict()
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert b.cfg.speaker == SpeakerKernelConfig(layers=(0,)) and b.spk_kernels["0"][3].weight.abs().sum() == 0
+    b.new_projector(model.cfg.projector, seed=0)  # what assemble(seed=0) drew
+    pm, pb = model.projector.state_dict(), b.projector.state_dict()
+    assert b.cfg.projector == model.cfg.projector and all(torch.equal(pm[k], pb[k]) for k in pm)
 
 
 def test_splice_places_audio_at_the_placeholder_with_left_padding(model):
@@ -136,6 +152,7 @@ def test_bf16_checkpoint(model, batch, tmp_path):
     model.save_pretrained(tmp_path)
     half = SpeechLLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert half.llm.lm_head.weight.dtype == torch.bfloat16 and half.preprocessor.fb.dtype == torch.float32
+    assert torch.equal(half.preprocessor.fb, model.preprocessor.fb)  # float32 values, not bf16 ones
     audio, lens = batch
     p16 = half.predict(audio, lens, max_new_tokens=2)[0]["probs"]
     p32 = model.predict(audio, lens, max_new_tokens=2)[0]["probs"]
