@@ -18,6 +18,7 @@ from speechllm.model import SpeechLLM, assemble
 from speechllm.salm import load_salm
 from speechllm.sortformer import SortFormer
 from speechllm.speaker import SpeakerKernelConfig
+from speechllm.tokenizer import TAGS
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -29,7 +30,7 @@ def describe(model) -> str:
                 f"Transformer {model.cfg.transformer.num_layers} layers, {model.cfg.num_spks} speakers")
     if isinstance(model, SpeechLLM):
         return (f"Speech-LLM: FastConformer {enc.n_layers} x {enc.d_model}, {model.cfg.projector.kind} projector, "
-                f"Qwen2 {model.cfg.llm.num_hidden_layers} x {model.cfg.llm.hidden_size}, tags {list(model.cfg.prompt.tags)}")
+                f"Qwen2 {model.cfg.llm.num_hidden_layers} x {model.cfg.llm.hidden_size}, tags {list(TAGS)}")
     head = f"CTC vocab {model.cfg.vocab_size}+blank" if model.cfg.vocab_size is not None else "no CTC head"
     kernels = f", speaker kernels at layers {list(model.cfg.speaker.layers)}" if model.cfg.speaker else ""
     return f"FastConformer {enc.n_layers} layers x d_model {enc.d_model}{kernels}, {head}"

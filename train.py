@@ -13,9 +13,10 @@ Writes to trainer.out_dir: step_N/ (a model directory `infer.py --checkpoint` lo
 the training state), metrics.jsonl, best.json and, when installed, TensorBoard events.
 
 The loss is the token mean of the whole global batch, as NeMo SALM's is per batch: each
-micro-batch's weighted mean (model.forward) is scaled by its share of the answer-token weight of
-the global batch (every micro-batch of every rank), so 1 process x batch 4, 2 x 2 accumulated and
-2 processes x 2 take the same step.
+micro-batch backpropagates its weighted token sum (model.forward's mean times its answer-token
+weight), and once the weights of every micro-batch of every rank are summed, the gradients are
+divided by that total, so 1 process x batch 4, 2 x 2 accumulated and 2 processes x 2 take the same
+step.
 """
 import argparse
 import dataclasses
@@ -68,7 +69,8 @@ def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
     elif mc.init_from:
         model = SpeechLLM.from_pretrained(mc.init_from)
     else:  # model.projector: fields over assemble's projector, which fits the encoder and LLM widths
-        model = assemble(mc.pretrained_asr, mc.pretrained_llm, mc.projector, PromptConfig(**mc.prompt), seed=seed)
+        model = assemble(mc.pretrained_asr, mc.pretrained_llm, mc.projector, PromptConfig.from_dict(mc.prompt, "model.prompt."),
+                         seed=seed)
     if mc.speaker_kernels is not None and resume is None:
         sc = SpeakerKernelConfig.from_dict(mc.speaker_kernels)
         if model.cfg.speaker is None:
@@ -113,11 +115,6 @@ def targets(batch: dict, task: str):
     return batch["text"], (batch["label"] if task == "turntaking" else [None] * len(batch["text"]))
 
 
-def loss_weight(model: SpeechLLM, transcripts, tags) -> float:
-    """sum of model.forward's token weights: 1 per answer token, tag_loss_weight for the tag."""
-    return sum(sum(model.answer_weights(*model.answer_ids(text, tag))) for text, tag in zip(transcripts, tags))
-
-
 def speaker_masks(model: SpeechLLM, batch: dict, device):
     """(s, g) per encoder frame from the clips' speaker segments, or (None, None) when the model
     has no kernels or no clip has segments. A clip without segments is all target speaker."""
@@ -151,9 +148,9 @@ def evaluate(model: SpeechLLM, loader, ctx, task: str, max_new_tokens: int, d: d
         transcripts, tags = targets(batch, task)
         s, g = speaker_masks(model, batch, d.device)
         with ctx:
-            loss, _ = model(audio, lengths, transcripts, tags, s, g)
+            loss, stats = model(audio, lengths, transcripts, tags, s, g)
             out = model.predict(audio, lengths, max_new_tokens, s, g)
-        w = loss_weight(model, transcripts, tags)
+        w = float(stats["weight"])
         loss_sum, weight = loss_sum + float(loss) * w, weight + w
         rows += [(tag, o["tag"], text, o["transcript"]) for tag, text, o in zip(batch["label"], transcripts, out)]
     shares = dist.gather_to_master((rows, loss_sum, weight), d)
@@ -337,26 +334,28 @@ def train(cfg, args, d: dist.Dist) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(batches) for _ in range(accum)]
-        weights = [loss_weight(model, *targets(b, task)) for b in micro]
-        totals = torch.tensor([sum(weights), sum(len(b["index"]) for b in micro)], dtype=torch.float64, device=d.device)
-        total_weight, n_samples = dist.all_reduce_sum(totals).tolist()
-        loss_sum, tag_losses = torch.zeros((), dtype=torch.float64, device=d.device), []
-        for i, (batch, w) in enumerate(zip(micro, weights)):
+        sums, tag_losses = torch.zeros(3, dtype=torch.float64, device=d.device), []  # loss x weight, weight, clips
+        for i, batch in enumerate(micro):
             audio, lengths = batch["audio"].to(d.device, non_blocking=True), batch["lengths"].to(d.device)
             s, g = speaker_masks(model, batch, d.device)
             try:
                 with ddp.no_sync() if ddp is not None and i < accum - 1 else nullcontext():
                     with ctx:
                         loss, stats = forward(audio, lengths, *targets(batch, task), s, g)
-                    # This micro-batch's share of the global token mean; DDP averages over ranks, hence * world.
-                    (loss * (w * world / total_weight)).backward()
+                    # This micro-batch's weighted token sum; divided by the global weight below.
+                    (loss * stats["weight"]).backward()
             except Exception:
                 print(f"rank {d.rank}: step {step} failed on {clip_ids(batch, train_split)}", file=sys.stderr)
                 raise
-            loss_sum += loss.detach().double() * w
+            w = stats["weight"].double()
+            sums += torch.stack([loss.detach().double() * w, w, w.new_tensor(len(batch["index"]))])
             if stats["tag_loss"] is not None:
                 tag_losses.append(float(stats["tag_loss"]))
-        train_loss = float(dist.all_reduce_sum(loss_sum)) / total_weight
+        loss_sum, total_weight, n_samples = dist.all_reduce_sum(sums).tolist()
+        train_loss = loss_sum / total_weight
+        for p in params:  # the global token mean's gradient; DDP averaged over ranks, hence * world
+            if p.grad is not None:
+                p.grad.mul_(world / total_weight)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.gradient_clip_val or math.inf))
         if math.isfinite(train_loss) and math.isfinite(grad_norm):
             optimizer.step()

@@ -23,6 +23,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio, pad_batch
+from .config import refuse_unknown
 from .convert import (NEMO_CTC_KEYS, ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model,
                       read_nemo_tokenizer, remap)
 from .fastconformer import FastConformer, FastConformerConfig
@@ -54,6 +55,7 @@ class ASRConfig:
     def from_dict(cls, d: dict) -> "ASRConfig":
         if d.get("model_type") != "fastconformer_ctc":
             raise ValueError(f"not an ASR checkpoint config: model_type={d.get('model_type')!r}")
+        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "vocab_size", "speaker_kernels"))
         return cls(
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import build
+
 SAMPLE_RATE = 16000
 
 # -----------------------------------------------------------------------------
@@ -254,10 +256,7 @@ class PreprocessorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessorConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preprocessor config keys: {sorted(unknown)}")
-        return cls(**d)
+        return build(cls, d, "preprocessor.")
 
     def to_dict(self) -> dict:
         return asdict(self)

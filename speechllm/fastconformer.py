@@ -16,11 +16,13 @@ Module attribute names are NeMo's state-dict keys (`pre_encode.conv.0`, `layers.
 H heads.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import build
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,8 @@ class FastConformerConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FastConformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown FastConformerConfig fields: {unknown}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "encoder.") -> "FastConformerConfig":
+        return build(cls, d, where)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,12 +8,12 @@
 The prompt is Qwen's chat format: a user turn holding <audio> and an instruction, then the
 assistant answers "transcript <TAG>" (or just "<TAG>" with answer_format "tag_only"), closed by
 <|im_end|>. The product is the tag's probabilities: a softmax over the three tag logits at the
-position where the tag is written.
+position where the tag is written. The tag set is tokenizer.TAGS, fixed.
 
 Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
 """
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .asr import ASRModel
+from .config import build, refuse_unknown
 from .audio import LogMelFrontend, PreprocessorConfig
 from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
@@ -40,14 +41,20 @@ class PromptConfig:
     system: str | None = None  # no system turn by default (NeMo's qwen formatter has none either)
     audio_token: str = "<audio>"
     answer_format: str = "transcript_tag"  # or "tag_only"
-    tags: tuple = TAGS
 
     def __post_init__(self):
         if self.answer_format not in ("transcript_tag", "tag_only"):
             raise ValueError(f"prompt answer_format {self.answer_format!r} is not 'transcript_tag' or 'tag_only'")
         if self.user.count(self.audio_token) != 1:
             raise ValueError(f"the prompt's user turn must hold exactly one {self.audio_token}: {self.user!r}")
-        object.__setattr__(self, "tags", tuple(self.tags))  # JSON gives a list back
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "prompt.") -> "PromptConfig":
+        d = dict(d)
+        tags = d.pop("tags", TAGS)  # config.json files written before the tag set was fixed list it
+        if tuple(tags) != TAGS:
+            raise ValueError(f"{where}tags {list(tags)}: the tag set is fixed, {list(TAGS)}")
+        return build(cls, d, where)
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,14 @@ class SpeechLLMConfig:
     def from_dict(cls, d: dict) -> "SpeechLLMConfig":
         if d.get("model_type") != "speechllm":
             raise ValueError(f"not a Speech-LLM config: model_type={d.get('model_type')!r}")
-        known = {f.name for f in fields(PromptConfig)}
+        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "projector", "llm", "prompt", "tag_loss_weight",
+                           "speaker_kernels"))
         return cls(
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),
             projector=ProjectorConfig.from_dict(d["projector"]),
             llm=Qwen2Config.from_hf(d["llm"]),
-            prompt=PromptConfig(**{k: v for k, v in d.get("prompt", {}).items() if k in known}),
+            prompt=PromptConfig.from_dict(d.get("prompt", {})),
             tag_loss_weight=d.get("tag_loss_weight", 5.0),
             speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if d.get("speaker_kernels") else None,
         )
@@ -99,7 +107,7 @@ class SpeechLLM(nn.Module):
         self.tokenizer = tokenizer
         self.encoder_tokenizer = encoder_tokenizer  # the encoder's SentencePiece model, kept with it
         self.audio_id = tokenizer.token_to_id(cfg.prompt.audio_token)
-        self.tag_ids = [tokenizer.token_to_id(t) for t in cfg.prompt.tags]
+        self.tag_ids = [tokenizer.token_to_id(t) for t in TAGS]
         if max(self.tag_ids + [self.audio_id]) >= cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer's special tokens need {max(self.tag_ids) + 1} embedding rows; "
                              f"the LLM has {cfg.llm.vocab_size} (use tokenizer.fit_embeddings)")
@@ -127,28 +135,26 @@ class SpeechLLM(nn.Module):
     def answer_ids(self, transcript: str | None, tag: str | None) -> tuple[list[int], int | None]:
         """Ids of the assistant's answer, closed by <|im_end|>, and the index of the tag in it.
         Stage 1 (ASR) passes tag None; tag_only ignores the transcript."""
-        if tag is not None and tag not in self.cfg.prompt.tags:
-            raise ValueError(f"unknown tag {tag!r}; expected one of {self.cfg.prompt.tags}")
+        if tag is not None and tag not in TAGS:
+            raise ValueError(f"unknown tag {tag!r}; expected one of {TAGS}")
         text = [] if self.cfg.prompt.answer_format == "tag_only" or not transcript else self.tokenizer.encode(transcript.strip() + " ")
         if tag is None:
             return (self.tokenizer.encode(transcript.strip()) if transcript else []) + [self.tokenizer.im_end_id], None
         return text + [self.tokenizer.token_to_id(tag), self.tokenizer.im_end_id], len(text)
 
-    def answer_weights(self, answer: list[int], tag_at: int | None) -> list[float]:
-        """Loss weight of each answer token: tag_loss_weight for the tag, 1 for the others."""
-        w = [1.0] * len(answer)
-        if tag_at is not None:
-            w[tag_at] = self.cfg.tag_loss_weight
-        return w
-
-    def splice(self, audio_embeds, audio_lens, rows: list[list[int]], labels: list[list[int]] | None = None):
+    def splice(self, audio_embeds, audio_lens, rows: list[list[int]], labels: list[list[int]] | None = None,
+               weights: list[list[float]] | None = None):
         """Replace the <audio> id of each row by that row's valid audio frames; left-pad the batch.
 
         rows: token ids per item, each with exactly one <audio>. labels: per-row targets aligned with
-        rows (IGNORE where no loss), or None. Returns inputs_embeds (B, L, D), attention_mask (B, L)
-        bool, position_ids (B, L), and labels (B, L) if given; audio positions are never labelled."""
+        rows (IGNORE where no loss), or None; weights: their loss weights, aligned the same way
+        (default 1 per label). Returns inputs_embeds (B, L, D), attention_mask (B, L) bool,
+        position_ids (B, L), and with labels, labels (B, L) and weights (B, L) float32. Audio
+        positions and padding carry label IGNORE and weight 0."""
         embed = self.llm.model.embed_tokens
-        seqs, labs = [], []
+        if labels is not None and weights is None:
+            weights = [[0.0 if t == IGNORE else 1.0 for t in row] for row in labels]
+        seqs, labs, wts = [], [], []
         for i, ids in enumerate(rows):
             where = [j for j, t in enumerate(ids) if t == self.audio_id]
             if len(where) != 1:
@@ -158,19 +164,22 @@ class SpeechLLM(nn.Module):
             seqs.append(torch.cat([text[:j], audio_embeds[i, :n].to(text.dtype), text[j + 1:]]))
             if labels is not None:
                 labs.append(labels[i][:j] + [IGNORE] * n + labels[i][j + 1:])
+                wts.append(weights[i][:j] + [0.0] * n + weights[i][j + 1:])
         width = max(len(s) for s in seqs)
         B, D = len(seqs), seqs[0].shape[-1]
         inputs = seqs[0].new_zeros(B, width, D)
         mask = torch.zeros(B, width, dtype=torch.bool, device=inputs.device)
         target = torch.full((B, width), IGNORE, dtype=torch.long, device=inputs.device)
+        weight = torch.zeros(B, width, device=inputs.device)
         for i, s in enumerate(seqs):
             inputs[i, width - len(s):] = s
             mask[i, width - len(s):] = True
             if labels is not None:
                 target[i, width - len(s):] = torch.tensor(labs[i], device=inputs.device)
+                weight[i, width - len(s):] = torch.tensor(wts[i], device=inputs.device)
         # Positions count real tokens only, as transformers' generate does for left padding.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return (inputs, mask, position_ids) + ((target,) if labels is not None else ())
+        return (inputs, mask, position_ids) + ((target, weight) if labels is not None else ())
 
     # -- training --------------------------------------------------------------------------------
 
@@ -180,31 +189,34 @@ class SpeechLLM(nn.Module):
         the prompt and audio positions carry none. The tag token weighs `tag_loss_weight`, every other
         answer token 1, and the loss is sum(w * ce) / sum(w) over the batch: a weighted token mean, so
         long transcripts count more than short ones, as in NeMo SALM's token-level mean.
-        Returns (loss, stats) with the plain token loss and the tag loss for logging."""
+        Returns (loss, stats): the plain token loss and the tag loss for logging, and `weight`,
+        sum(w), which makes this batch's share of a larger batch's token mean (train.py)."""
         audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
         prompt = self.prompt_ids()
         rows, labels, weights = [], [], []
         for transcript, tag in zip(transcripts, tags):
             answer, tag_at = self.answer_ids(transcript, tag)
+            w = [1.0] * len(answer)
+            if tag_at is not None:
+                w[tag_at] = self.cfg.tag_loss_weight
             rows.append(prompt + answer)
             labels.append([IGNORE] * len(prompt) + answer)
-            weights.append(self.answer_weights(answer, tag_at))
-        inputs, mask, pos, target = self.splice(audio_embeds, audio_lens, rows, labels)
+            weights.append([0.0] * len(prompt) + w)
+        inputs, mask, pos, target, weight = self.splice(audio_embeds, audio_lens, rows, labels, weights)
         h = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, return_hidden=True)  # (B, L, D)
         # The token at t is predicted from position t - 1. The head (D x V, V = 152k) runs only on
         # the few answer positions, not on the whole sequence.
-        target = target[:, 1:]
+        target, weight = target[:, 1:], weight[:, 1:]
         sel = target != IGNORE
         # float32 at least (bf16 logits would round the loss); float64 stays float64 for exactness tests
         logits = self.llm.lm_head(h[:, :-1][sel])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n_answer, V)
         ce = F.cross_entropy(logits, target[sel], reduction="none")
-        w = torch.tensor([x for row in weights for x in row], device=ce.device)
-        # Answers sit at the end of each left-padded row, so the row-major order of `sel` is the
-        # order in which `weights` lists them.
+        w = weight[sel]  # each label's own weight, spliced with it
         is_tag = torch.isin(target[sel], torch.tensor(self.tag_ids, device=ce.device))
         loss = (ce * w).sum() / w.sum()
-        stats = {"token_loss": ce.mean().detach(), "tag_loss": ce[is_tag].mean().detach() if is_tag.any() else None}
+        stats = {"token_loss": ce.mean().detach(), "tag_loss": ce[is_tag].mean().detach() if is_tag.any() else None,
+                 "weight": w.sum().detach()}
         return loss, stats
 
     # -- inference -------------------------------------------------------------------------------
@@ -236,8 +248,8 @@ class SpeechLLM(nn.Module):
             probs = torch.softmax(tag_logits, -1)
             out.append({
                 "transcript": self.tokenizer.decode(ids[:at], skip_special_tokens=True).strip(),
-                "tag": self.cfg.prompt.tags[int(probs.argmax())],
-                "probs": dict(zip(self.cfg.prompt.tags, probs.tolist())),
+                "tag": TAGS[int(probs.argmax())],
+                "probs": dict(zip(TAGS, probs.tolist())),
                 "tag_mass": float(torch.softmax(scores, -1)[self.tag_ids].sum()),
                 "tag_forced": forced,
                 "timings": {"audio_s": round(t1 - t0, 4), "llm_s": round(t2 - t1, 4)},
@@ -281,7 +293,7 @@ class SpeechLLM(nn.Module):
         path = Path(path)
         require(path, ("config.json", "model.safetensors", "tokenizer.json"), "a Speech-LLM checkpoint directory")
         cfg = SpeechLLMConfig.from_dict(read_json(path / "config.json"))
-        tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *cfg.prompt.tags))
+        tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *TAGS))
         spm = path / "encoder_tokenizer.model"
         with torch.device("meta"):
             model = cls(cfg, tok, spm.read_bytes() if spm.is_file() else None)
@@ -313,7 +325,7 @@ def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = N
     asr = ASRModel.from_nemo(encoder_nemo)
     llm = Qwen2ForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     prompt = prompt or PromptConfig()
-    tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *prompt.tags))
+    tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *TAGS))
     fit_embeddings(llm, tok)
     if not isinstance(projector, ProjectorConfig):
         d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size

@@ -73,7 +73,7 @@ def salm_config(cfg: dict, llm: Qwen2Config, user_prompt: str) -> SpeechLLMConfi
     adapter = FastConformerConfig.from_nemo(p["modality_adapter"])
     projector = ProjectorConfig(kind="salm", in_dim=encoder.out_dim, out_dim=p.get("output_dim", llm.hidden_size),
                                 adapter=adapter.to_dict())
-    prompt = PromptConfig(user=user_prompt, audio_token=cfg["audio_locator_tag"], tags=TAGS)
+    prompt = PromptConfig(user=user_prompt, audio_token=cfg["audio_locator_tag"])
     return SpeechLLMConfig(PreprocessorConfig.from_nemo(p["preprocessor"]), encoder, projector, llm, prompt)
 
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .audio import LogMelFrontend, PreprocessorConfig
+from .config import build, refuse_unknown
 from .convert import ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
 from .weights import read_json, read_state, require, save_dir
@@ -103,10 +104,11 @@ class SortFormerConfig:
     def from_dict(cls, d: dict) -> "SortFormerConfig":
         if d.get("model_type") != "sortformer":
             raise ValueError(f"not a SortFormer checkpoint config: model_type={d.get('model_type')!r}")
+        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "transformer", "num_spks", "dropout_rate", "eps"))
         return cls(
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),
-            transformer=TransformerConfig(**d["transformer"]),
+            transformer=build(TransformerConfig, d["transformer"], "transformer."),
             num_spks=d["num_spks"],
             dropout_rate=d["dropout_rate"],
             eps=d["eps"],

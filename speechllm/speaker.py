@@ -19,13 +19,14 @@ NeMo's defaults, reproduced because released kernels were trained with them:
 
 The masks themselves (from RTTM, segments or a diarizer) are built in activity.py.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import build
 from .fastconformer import FastConformerConfig
 
 
@@ -62,10 +63,7 @@ class SpeakerKernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeakerKernelConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown speaker kernel config keys: {sorted(unknown)}")
-        return cls(**{**d, "layers": tuple(d.get("layers", (0,)))})
+        return build(cls, d, "speaker_kernels.")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}
