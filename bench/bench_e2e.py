@@ -19,10 +19,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from bench_encoder import REFERENCE_GFLOPS, matmul_gflops, per_dtype_processes
+from bench_encoder import REFERENCE_GFLOPS, per_dtype_processes
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
+from speechllm.precision import matmul_gflops
 from speechllm.projector import ProjectorConfig
 from speechllm.qwen2 import Qwen2Config
 from speechllm.tokenizer import Tokenizer

@@ -24,6 +24,7 @@ import torch
 from speechllm.asr import ASRConfig, ASRModel
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
+from speechllm.precision import matmul_gflops  # the 2048^3 matmul rate, as the reference table's
 
 
 def parakeet_ctc_06b(dtype) -> ASRModel:
@@ -36,17 +37,6 @@ def parakeet_ctc_06b(dtype) -> ASRModel:
 
 
 REFERENCE_GFLOPS = {"float32": 198.2, "bfloat16": 849.0}  # reference_timings.md, 2048^3 matmul
-
-
-def matmul_gflops(dtype, n: int = 2048, runs: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def bench_one(model, seconds: float, batch: int, runs: int, speed: float) -> dict:

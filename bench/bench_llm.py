@@ -14,13 +14,13 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from bench_encoder import per_dtype_processes
 from speechllm.generate import decode_one_token, generate, prefill
+from speechllm.precision import matmul_gflops
 from speechllm.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 # transformers 5.23, sdpa, same machine and protocol (shared/spec/reference_timings.md).
@@ -59,17 +59,12 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(timed_runs(fn, runs))
 
 
-def matmul_gflops(dtype) -> float:
-    """This machine's (2048 x 2048)^2 matmul rate right now, to compare with the reference table
-    (198 GFLOP/s fp32, 849 bf16): other jobs on the same cores show up here first."""
-    a = torch.randn(2048, 2048).to(dtype)
-    return round(2 * 2048 ** 3 / median_time(lambda: a @ a, 5) / 1e9, 1)
-
-
 def bench(dtype_name: str, runs: int, n_prompt: int, n_new: int) -> dict:
     torch.set_num_threads(2)
     dtype = getattr(torch, dtype_name)
-    gflops_before = matmul_gflops(dtype)
+    # this machine's 2048^3 matmul rate now, against the reference table's (198 GFLOP/s fp32, 849 bf16):
+    # other jobs on the same cores show up here first
+    gflops_before = round(matmul_gflops(dtype), 1)
     config = Qwen2Config()
     t0 = time.perf_counter()
     model = random_model(config, dtype)
@@ -109,7 +104,7 @@ def bench(dtype_name: str, runs: int, n_prompt: int, n_new: int) -> dict:
         "prefill_s_min": round(min(prefill_runs), 3),
         "decode_ms_per_token_min": round(1000 * min(decode_runs) / n_new, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "matmul_gflops_before_after": [gflops_before, matmul_gflops(dtype)],
+        "matmul_gflops_before_after": [gflops_before, round(matmul_gflops(dtype), 1)],
         "reference_transformers": REFERENCE[dtype_name],
     }
 
@@ -124,13 +119,10 @@ def main():
     if args.dtype:
         print(json.dumps(bench(args.dtype, args.runs, args.prompt, args.new)))
         return
-    results = {"torch": torch.__version__, "threads": 2}
-    for dtype in ("float32", "bfloat16"):
-        cmd = [sys.executable, __file__, "--dtype", dtype, "--runs", str(args.runs),
-               "--prompt", str(args.prompt), "--new", str(args.new)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[dtype] = json.loads(out.strip().splitlines()[-1])
-    print(json.dumps(results, indent=2))
+    dtypes = ["float32", "bfloat16"]
+    runs = per_dtype_processes(__file__, dtypes, ["--runs", str(args.runs), "--prompt", str(args.prompt),
+                                                  "--new", str(args.new)])
+    print(json.dumps({"torch": torch.__version__, "threads": 2, **dict(zip(dtypes, runs))}, indent=2))
 
 
 if __name__ == "__main__":

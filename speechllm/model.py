@@ -29,7 +29,7 @@ from .projector import ProjectorConfig, build_projector
 from .qwen2 import Qwen2Config, Qwen2ForCausalLM, init_token_rows
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
-from .tokenizer import TAGS, Tokenizer, fit_embeddings, format_chat
+from .tokenizer import TAGS, Tokenizer, fit_embeddings
 from .weights import read_json, read_state, require, save_dir
 
 IGNORE = -100  # label of positions that carry no loss
@@ -130,7 +130,7 @@ class SpeechLLM(nn.Module):
         """The prompt up to the open assistant turn; it holds one <audio> id."""
         p = self.cfg.prompt
         turns = ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.user}]
-        return self.tokenizer.encode(format_chat(turns, add_generation_prompt=True))
+        return self.tokenizer.encode_chat(turns, add_generation_prompt=True)
 
     def answer_ids(self, transcript: str | None, tag: str | None) -> tuple[list[int], int | None]:
         """Ids of the assistant's answer, closed by <|im_end|>, and the index of the tag in it.

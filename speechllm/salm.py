@@ -5,14 +5,11 @@
     SALM_DIR/llm_backbone/config.json   the Qwen2 config
     SALM_DIR/tokenizer.json          the LLM tokenizer with the audio tag added
 
-`load_salm` maps this into our SpeechLLM with the "salm" projector; the functions below it run it
-the way SALM does, and match NeMo 3.0.0 + transformers 5.23 to float32 rounding (tests/test_salm.py):
+`load_salm` maps this into our SpeechLLM with the "salm" projector. Run the way SALM runs it
+(tests/test_salm.py: its prompts, splicing, SALM.forward and SALM.generate), the result matches
+NeMo 3.0.0 + transformers 5.23 to float32 rounding.
 
-    prompt ids (B, L_tok), one audio tag each, left-padded --prepare_inputs--> (B, L, D), mask (B, L)
-    --logits--> (B, L, V)          SALM.forward
-    --greedy_generate--> (B, n)    SALM.generate: greedy, KV cache, stops at the tokenizer's eos
-
-Quirks carried over from SALM:
+Quirks of SALM (the ones the import and the tests carry over):
 - The LLM's input embedding lives outside the LLM (`embed_tokens.weight`); the tied head is not in
   the file, only an alias to it in the safetensors metadata, which we follow.
 - The audio tag (e.g. <|audio|>, <|audioplaceholder|>) is a special token appended to the
@@ -20,8 +17,7 @@ Quirks carried over from SALM:
 - Prompts are the "qwen" formatter: user turns and the assistant prefix in ChatML, no system turn,
   no BOS/EOS; each tag stands for one whole clip, replaced by its valid audio frames.
 - SALM.forward passes no position ids, so HF counts 0..L-1 across the left padding. RoPE only sees
-  differences of positions, so valid rows agree with splice's cumsum positions to float rounding;
-  `logits` does as SALM does by default.
+  differences of positions, so valid rows agree with splice's cumsum positions to float rounding.
 - Splicing strips leading pad ids; NeMo also masks any later pad id inside a prompt, which a
   well-formed qwen prompt never holds, and we do not copy that. One tag per row here (SALM allows
   several, consumed in order).
@@ -38,11 +34,10 @@ import torch
 from .audio import PreprocessorConfig
 from .convert import SALM_KEYS, ConversionError, remap
 from .fastconformer import FastConformerConfig
-from .generate import Generation, generate
 from .model import PromptConfig, SpeechLLM, SpeechLLMConfig
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config
-from .tokenizer import TAGS, Tokenizer, format_chat
+from .tokenizer import TAGS, Tokenizer
 from .weights import open_safetensors, read_json, require
 
 PROMPT_FORMATS = ("qwen",)  # NeMo PromptFormatter names we reproduce
@@ -109,48 +104,3 @@ def load_salm(path, user_prompt: str | None = None) -> SpeechLLM:
     if llm.tie_word_embeddings:
         model.llm.tie_weights()  # assign=True gave the head its own Parameter
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# running it as SALM does
-
-
-def encode_prompt(model: SpeechLLM, text: str) -> list[int]:
-    """One user turn in the qwen format, ending with the assistant prefix, as ids."""
-    return model.tokenizer.encode(format_chat([{"role": "user", "content": text}], add_generation_prompt=True))
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Token rows -> (B, L_tok) left-padded with pad_id (NeMo's left_collate_vectors)."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-
-
-def prepare_inputs(model: SpeechLLM, prompt_ids: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor):
-    """prompt_ids (B, L_tok) left-padded with the pad id, one audio tag per row; audio (B, N), lengths (B,)
-    -> inputs_embeds (B, L, D) left-padded with zeros, attention_mask (B, L) bool."""
-    audio_embeds, audio_lens = model.embed_audio(audio, lengths)  # (B, T', D)
-    pad = model.tokenizer.pad_id
-    rows = []
-    for ids in prompt_ids.tolist():
-        lead = next((i for i, t in enumerate(ids) if t != pad), len(ids))
-        rows.append(ids[lead:])  # SALM strips the leading pads only
-    inputs, mask, _ = model.splice(audio_embeds, audio_lens, rows)
-    return inputs, mask
-
-
-def logits(model: SpeechLLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids=None):
-    """SALM.forward: logits (B, L, V) at every position. position_ids None counts 0..L-1 through the
-    left padding, as HF does when SALM passes none."""
-    return model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
-
-
-def greedy_generate(model: SpeechLLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int = 128) -> Generation:
-    """SALM.generate after splicing: greedy with the KV cache; a row stops at the tokenizer's eos
-    (SALM's GenerationConfig; not <|im_end|>) and is padded with the pad id. Returns the new
-    tokens (B, n) and their raw logits (B, n, V)."""
-    tok = model.tokenizer
-    return generate(model.llm, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens, eos_ids=[tok.token_to_id(tok.eos_token)],
-                    pad_id=tok.pad_id, return_scores=True)

@@ -89,18 +89,6 @@ class Tokenizer:
         return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
-    def audio_id(self) -> int:
-        return self.token_to_id(AUDIO)
-
-    @property
-    def tag_ids(self) -> dict[str, int]:
-        return {tag: self.token_to_id(tag) for tag in TAGS}
-
-    @property
-    def im_start_id(self) -> int:
-        return self.token_to_id("<|im_start|>")
-
-    @property
     def im_end_id(self) -> int:
         return self.token_to_id("<|im_end|>")
 

@@ -41,8 +41,16 @@ def max_valid_diff(a, b, lengths):
 
 @pytest.mark.parametrize("run", ["batch", "single0", "single1"])
 def test_encoder_matches_nemo_layer_by_layer(nemo_encoder, ref, run):
+    hidden = []  # every layer's input, recorded by the speaker kernels' hook point; then the output
+
+    def record(i, x, lengths):
+        hidden.append(x)
+        return x
+
     with torch.no_grad():
-        x, lengths, hidden = nemo_encoder(ref[f"{run}.features"], ref[f"{run}.features_length"], return_hidden=True)
+        x, lengths = nemo_encoder(ref[f"{run}.features"], ref[f"{run}.features_length"], layer_hook=record)
+    hidden.append(x)  # the test encoder has no out_proj: the last layer's output
+    assert not hasattr(nemo_encoder, "out_proj") and len(hidden) == 3
     assert lengths.tolist() == ref[f"{run}.encoded_length"].tolist()
     # The fixture's `pre_encode` is the subsampling module's output, taken before the xscale multiply
     # (it is exactly 1/sqrt(d_model) = 1/8 of what enters layer 0).

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from speechllm.generate import generate, sample, stop_ids, top_p_filter
+from speechllm.generate import generate, sample, top_p_filter
 from speechllm.qwen2 import Qwen2ForCausalLM
 from speechllm.tokenizer import Tokenizer
 
@@ -24,6 +24,14 @@ def model(fixtures):
 @pytest.fixture(scope="module")
 def tok(fixtures):
     return Tokenizer.from_pretrained(fixtures / "llm_hf")
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Ids that end a reply as transformers' generate stops: generation_config.json's eos_token_id
+    plus the tokenizer's eos ids (which include <|im_end|>, the end of a chat turn)."""
+    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted(set(eos) | set(tokenizer.eos_ids))
 
 
 def left_pad(rows: list[list[int]], pad_id: int):
