@@ -83,21 +83,32 @@ def per_dtype_processes(script: str, dtypes: list[str], args: list[str]) -> list
     return [json.loads(r.stdout) for r in runs]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dtype_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every per-dtype benchmark: --dtype, --runs, --threads (the script adds its own)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--seconds", nargs="+", type=float, default=[5.0, 20.0])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    return p
+
+
+def report(script: str, args, run_dtype, own_args: list[str], header: dict) -> None:
+    """One --dtype: run it here and print its JSON. Several: one fresh process each
+    (per_dtype_processes, passing own_args on), printed together under `header`."""
     if len(args.dtype) == 1:
         print(json.dumps(run_dtype(args)))
         return
-    out = per_dtype_processes(__file__, args.dtype, ["--runs", str(args.runs), "--threads", str(args.threads),
-                                                     "--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)])
-    print(json.dumps({"benchmark": "encoder", "model": "parakeet-ctc-0.6b size, random weights", "by_dtype": out},
-                     indent=1))
+    out = per_dtype_processes(script, args.dtype, ["--runs", str(args.runs), "--threads", str(args.threads), *own_args])
+    print(json.dumps({**header, "by_dtype": out}, indent=1))
+
+
+def main():
+    p = dtype_parser(__doc__)
+    p.add_argument("--seconds", nargs="+", type=float, default=[5.0, 20.0])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    args = p.parse_args()
+    report(__file__, args, run_dtype, ["--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)],
+           {"benchmark": "encoder", "model": "parakeet-ctc-0.6b size, random weights"})
 
 
 if __name__ == "__main__":

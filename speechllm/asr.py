@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio, pad_batch
 from .config import refuse_unknown
-from .convert import (NEMO_CTC_KEYS, ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model,
-                      read_nemo_tokenizer, remap)
+from .convert import NEMO_CTC_KEYS, ConversionError, dropped_keys, open_nemo, read_nemo_tokenizer, remap
 from .fastconformer import FastConformer, FastConformerConfig
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .weights import read_json, read_state, require, save_dir
@@ -166,15 +165,9 @@ class ASRModel(nn.Module):
 
     @classmethod
     def from_nemo(cls, path, legacy_frontend: bool = False) -> "ASRModel":
-        archive = NemoArchive(path)
+        archive, table = open_nemo(path, "fastconformer_ctc", "an ASR model we can import")
         try:
             target = archive.target
-            kind, table = nemo_model(target)
-            if kind != "fastconformer_ctc":
-                raise ConversionError(
-                    f"{path}: model class {target or '(none)'} is not an ASR model we can import "
-                    f"(supported: {', '.join(nemo_classes('fastconformer_ctc'))})"
-                )
             ctc = table is NEMO_CTC_KEYS  # else the multitalker RNNT model: encoder and kernels only
             c = archive.config
             pre = PreprocessorConfig.from_nemo(c["preprocessor"], legacy=legacy_frontend)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .model import SpeechLLM
-from .weights import fsync_dir, fsync_tree, write_json
+from .weights import fsync_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "trainer_state.pt"

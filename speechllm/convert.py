@@ -119,11 +119,6 @@ def nemo_model(target: str) -> tuple[str | None, dict | None]:
     return NEMO_MODELS.get(name, (None, None))
 
 
-def nemo_classes(model_type: str) -> list[str]:
-    """The NeMo classes we import as `model_type`, for error messages."""
-    return [c for c, (kind, _) in NEMO_MODELS.items() if kind == model_type]
-
-
 def place(table: dict, source: dict) -> tuple[dict, dict, list[str]]:
     """Rename `source` keys with `table`: the longest matching prefix is replaced by its target, and a
     None target drops the key on purpose. -> (our key -> tensor, source key -> our key or None,
@@ -218,6 +213,19 @@ class NemoArchive:
 
     def close(self):
         self._tar.close()
+
+
+def open_nemo(path, model_type: str, what: str) -> tuple[NemoArchive, dict]:
+    """A .nemo archive and its key table (NEMO_MODELS), refusing a model class that is not
+    `model_type`; `what` names it in the error. The caller closes the archive."""
+    archive = NemoArchive(path)
+    kind, table = nemo_model(archive.target)
+    if kind != model_type:
+        archive.close()
+        supported = [c for c, (k, _) in NEMO_MODELS.items() if k == model_type]
+        raise ConversionError(f"{path}: model class {archive.target or '(none)'} is not {what} "
+                              f"(supported: {', '.join(supported)})")
+    return archive, table
 
 
 def read_nemo_tokenizer(archive: NemoArchive) -> bytes:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .audio import LogMelFrontend, PreprocessorConfig
 from .config import build, refuse_unknown
-from .convert import ConversionError, NemoArchive, dropped_keys, nemo_classes, nemo_model, remap
+from .convert import dropped_keys, open_nemo, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
 from .weights import read_json, read_state, require, save_dir
 
@@ -249,13 +249,9 @@ class SortFormer(nn.Module):
 
     @classmethod
     def from_nemo(cls, path, legacy_frontend: bool = False) -> "SortFormer":
-        archive = NemoArchive(path)
+        archive, table = open_nemo(path, "sortformer", "a SortFormer diarizer")
         try:
             target = archive.target
-            kind, table = nemo_model(target)
-            if kind != "sortformer":
-                raise ConversionError(f"{path}: model class {target or '(none)'} is not a SortFormer diarizer "
-                                      f"(supported: {', '.join(nemo_classes('sortformer'))})")
             model = cls(SortFormerConfig.from_nemo(archive.config, legacy_frontend))
             source = archive.state_dict()
             sd = remap(table, source, model.state_dict(), f"{path} ({target})")

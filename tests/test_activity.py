@@ -13,7 +13,6 @@ from speechllm.activity import (Grid, auto_target, clip_segments, diarizer_masks
                                 format_rttm, grid_of, main, masks_from_probs, parse_target, pick_target,
                                 predict_with_activity, probs_to_segments, read_rttm, rttm_masks, speaker_activity,
                                 target_masks, write_manifest_rttms)
-from speechllm.asr import ASRModel
 from speechllm.audio import PreprocessorConfig, pad_batch
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import assemble
@@ -34,11 +33,6 @@ def model(fixtures):
 
 
 @pytest.fixture(scope="module")
-def diarizer(fixtures):
-    return SortFormer.from_nemo(fixtures / "diar_sortformer.nemo")
-
-
-@pytest.fixture(scope="module")
 def clips(fixtures):
     return [sf.read(fixtures / name, dtype="float32")[0] for name in CLIPS]
 
@@ -46,17 +40,6 @@ def clips(fixtures):
 @pytest.fixture(scope="module")
 def batch(clips):
     return pad_batch(clips)
-
-
-@pytest.fixture(scope="module")
-def asr(fixtures):
-    return ASRModel.from_nemo(fixtures / "asr_spk_kernel.nemo")
-
-
-@pytest.fixture(scope="module")
-def spk_clips(fixtures):
-    names = json.loads((fixtures / "asr_spk_kernel_ref.json").read_text())["batch_clips"]
-    return [sf.read(fixtures / name, dtype="float32")[0] for name in names]
 
 
 def without_timings(results):
@@ -284,7 +267,7 @@ def test_target_masks_for_the_two_speaker_mix(tmp_path):
     assert s_c.sum() == 0 and torch.equal(g_c, torch.maximum(s, g))
 
 
-def test_batch_masks_drive_encode_like_single_clips(asr, spk_clips, tmp_path):
+def test_batch_masks_drive_encode_like_single_clips(spk_asr, spk_clips, tmp_path):
     """Masks for the fixture's batch come out as NeMo's do: (B, T_enc of the longest), one value per
     80 ms frame, the shorter row padded; batch rows then encode as each clip alone."""
     clips = spk_clips
@@ -296,10 +279,10 @@ def test_batch_masks_drive_encode_like_single_clips(asr, spk_clips, tmp_path):
     assert s.shape == g.shape == (2, 51) and s[1, 21:].sum() == 0 and g[1, 21:].sum() == 0
     assert torch.equal(s[0], target_masks(mix, "B", 51, MIX_DURATION)[0])
     with torch.no_grad():
-        x, enc_lens = asr.encode(*asr.features(*pad_batch(clips)), s, g)
+        x, enc_lens = spk_asr.encode(*spk_asr.features(*pad_batch(clips)), s, g)
         assert enc_lens.tolist() == lengths
         for i, n in enumerate(lengths):
-            xi, _ = asr.encode(*asr.features(*pad_batch([clips[i]])), s[i:i + 1, :n], g[i:i + 1, :n])
+            xi, _ = spk_asr.encode(*spk_asr.features(*pad_batch([clips[i]])), s[i:i + 1, :n], g[i:i + 1, :n])
             assert (x[i, :n] - xi[0, :n]).abs().max() < 1e-5
 
 

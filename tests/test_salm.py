@@ -7,6 +7,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+from conftest import max_valid_diff
 from speechllm.audio import pad_batch
 from speechllm.convert import ConversionError, remap
 from speechllm.model import SpeechLLM
@@ -125,11 +126,11 @@ def test_perception_encoder_adapter_and_proj(model, ref, ref_json, fixtures, cas
     with torch.no_grad():
         x, lens = model.encoder(*model.preprocessor(audio, lengths))  # (B, T', 64)
         assert torch.equal(lens, ref[f"{case}.encoded_length"])
-        assert max_valid(x, ref[f"{case}.encoder_output"].transpose(1, 2), lens) < TOL
+        assert max_valid_diff(x, ref[f"{case}.encoder_output"].transpose(1, 2), lens) < TOL
         x, lens = model.projector.modality_adapter(x.transpose(1, 2), lens)
-        assert max_valid(x, ref[f"{case}.adapter_output"].transpose(1, 2), lens) < TOL
+        assert max_valid_diff(x, ref[f"{case}.adapter_output"].transpose(1, 2), lens) < TOL
         x = model.projector.proj(x)
-        assert max_valid(x, ref[f"{case}.audio_embeds"], lens) < TOL
+        assert max_valid_diff(x, ref[f"{case}.audio_embeds"], lens) < TOL
         embeds, lens2 = model.embed_audio(audio, lengths)
     assert torch.equal(embeds, x) and torch.equal(lens2, lens)
 
@@ -194,7 +195,3 @@ def test_save_and_reload_keeps_logits(model, spliced, tmp_path):
     with torch.no_grad():
         assert torch.equal(logits(again, inputs, mask), logits(model, inputs, mask))
 
-
-def max_valid(x, y, lengths):
-    """Largest |x - y| over each row's first lengths[i] frames; x, y (B, T, D)."""
-    return max((x[i, :n] - y[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))

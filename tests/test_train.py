@@ -187,13 +187,18 @@ def uninterrupted(tmp_path_factory, fixtures):
     return config, root
 
 
+def resume_from_step_2(config: Path, full: Path, out: Path) -> float:
+    """Copy full/step_2 into a fresh out, resume there to step 4 -> max |dparam| against full/step_4."""
+    out.mkdir()
+    shutil.copytree(full / "step_2", out / "step_2")
+    assert run("--config", config, f"trainer.out_dir={out}", "--resume", "auto") == 0
+    return max_diff(weights(full / "step_4"), weights(out / "step_4"))
+
+
 def test_resume_from_step_k_equals_the_uninterrupted_run(uninterrupted):
     config, root = uninterrupted
     out = root / "resumed"
-    out.mkdir()
-    shutil.copytree(root / "full" / "step_2", out / "step_2")
-    assert run("--config", config, f"trainer.out_dir={out}", "--resume", "auto") == 0
-    err = max_diff(weights(root / "full" / "step_4"), weights(out / "step_4"))
+    err = resume_from_step_2(config, root / "full", out)
     print(f"resume at step 2 vs uninterrupted, step 4: max |dparam| = {err:.2e}")
     assert err <= 1e-6
     # the optimizer moments too
@@ -213,10 +218,7 @@ def test_resume_with_lora_tag_rows_and_speaker_kernels(tmp_path, fixtures):
                           trainer={"precision": "fp32", "max_steps": 4, "save_every_n_steps": 2})
     assert run("--config", config) == 0
     out = tmp_path / "resumed"
-    out.mkdir()
-    shutil.copytree(tmp_path / "full" / "step_2", out / "step_2")
-    assert run("--config", config, f"trainer.out_dir={out}", "--resume", "auto") == 0
-    err = max_diff(weights(tmp_path / "full" / "step_4"), weights(out / "step_4"))
+    err = resume_from_step_2(config, tmp_path / "full", out)
     print(f"Stage 2 with adapters, resume at step 2 vs uninterrupted: max |dparam| = {err:.2e}")
     assert err <= 1e-6
     extra = checkpoint.load_state(out / "step_4")["model_extra"]
