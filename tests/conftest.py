@@ -8,6 +8,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
@@ -124,6 +125,18 @@ def rewrite_nemo(src: Path, dst: Path, config=None, state=None, extra=()) -> Pat
             info.size = len(data)
             tout.addfile(info, io.BytesIO(data))
     return dst
+
+
+def run_main(main, argv, capsys) -> SimpleNamespace:
+    """main(argv) of a script or module, in this process -> returncode, stdout, stderr, as a
+    subprocess run would give them (argparse's --help and usage errors exit: their code is kept)."""
+    capsys.readouterr()  # drop anything printed before
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def load_script(name: str):

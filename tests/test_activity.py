@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import load_script
 from speechllm.activity import (Grid, auto_target, clip_segments, diarizer_masks, encoder_frames, fit_masks,
                                 format_rttm, grid_of, main, masks_from_probs, parse_target, pick_target,
                                 predict_with_activity, probs_to_segments, read_rttm, rttm_masks, speaker_activity,
@@ -17,8 +18,6 @@ from speechllm.audio import PreprocessorConfig, pad_batch
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import assemble
 from speechllm.sortformer import SortFormer
-
-from conftest import load_script
 
 CLIPS = ("audio_2spk.wav", "audio_1.wav")
 MIX_DURATION = 64927 / 16000

@@ -2,21 +2,17 @@
 Run: python -m pytest -q tests/test_asr.py"""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import max_valid_diff, rewrite_nemo
+from conftest import load_script, max_valid_diff, rewrite_nemo, run_main
 from speechllm.asr import ASRModel, ctc_greedy
 from speechllm.audio import AudioError
 from speechllm.convert import ConversionError, NemoArchive
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
 
@@ -157,11 +153,11 @@ def test_too_short_and_bad_arrays_are_named(asr):
 # command line
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+SCRIPTS = {name: load_script(name) for name in ("infer", "convert_weights")}
 
 
-def test_cli_convert_then_transcribe(fixtures, tmp_path, asr_ref_json):
+def test_cli_convert_then_transcribe(fixtures, tmp_path, asr_ref_json, capsys):
+    run = lambda script, *args: run_main(SCRIPTS[script.removesuffix(".py")].main, args, capsys)
     out = tmp_path / "asr"
     r = run("convert_weights.py", "nemo", str(fixtures / "asr_ctc.nemo"), str(out))
     assert r.returncode == 0, r.stderr
@@ -176,7 +172,8 @@ def test_cli_convert_then_transcribe(fixtures, tmp_path, asr_ref_json):
     assert [d["text"] for d in lines] == asr_ref_json["batch"]["greedy_text"]
 
 
-def test_cli_help_and_errors(tmp_path):
+def test_cli_help_and_errors(tmp_path, capsys):
+    run = lambda script, *args: run_main(SCRIPTS[script.removesuffix(".py")].main, args, capsys)
     for script in ("infer.py", "convert_weights.py"):
         r = run(script, "--help")
         assert r.returncode == 0 and "usage" in r.stdout

@@ -1,19 +1,15 @@
 """convert_weights.py: assemble, full checkpoints in several layouts, inspect.
 Run: python -m pytest -q tests/test_convert.py"""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import speechllm
+from conftest import load_script, run_main
 from speechllm.asr import ASRModel
 from speechllm.convert import ConversionError, inspect, load_checkpoint_into, read_checkpoint
 from speechllm.model import SpeechLLM, assemble
 from speechllm.sortformer import SortFormer
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +131,11 @@ def test_load_and_from_nemo_pick_the_class_by_model_type(fixtures, tmp_path):
         speechllm.load(tmp_path)
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "convert_weights.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+convert_weights = load_script("convert_weights")
 
 
-def test_cli_assemble_checkpoint_inspect(fixtures, trained, tmp_path):
+def test_cli_assemble_checkpoint_inspect(fixtures, trained, tmp_path, capsys):
+    run = lambda *args: run_main(convert_weights.main, args, capsys)
     r = run("assemble", "--encoder", str(fixtures / "asr_ctc.nemo"), "--llm", str(fixtures / "llm_hf"),
             "--out", str(tmp_path / "stage1"), "--speaker-kernel-layers", "0")
     assert r.returncode == 0, r.stderr

@@ -3,7 +3,6 @@ Run: python -m pytest -q tests/test_train.py
 
 Single-process runs call train.main in this process; two-process runs launch
 `python -m torch.distributed.run --standalone --nproc_per_node 2 train.py` (gloo)."""
-import importlib.util
 import json
 import os
 import shutil
@@ -19,14 +18,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import ROOT, load_script
 from speechllm import checkpoint
 from speechllm.audio import pad_batch
 from speechllm.model import SpeechLLM
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+train = load_script("train")
 
 TEXTS = ["hello world", "speech to text", "yeah", "this is a small test", "so i was", "okay", "speech to", "world this is"]
 LABELS = ["COMPLETE", "INCOMPLETE", "BACKCHANNEL", "COMPLETE", "INCOMPLETE", "BACKCHANNEL", "INCOMPLETE", "COMPLETE"]
