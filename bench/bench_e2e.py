@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from bench_encoder import REFERENCE_GFLOPS, dtype_parser, report
+from bench_encoder import REFERENCE_GFLOPS, dtype_parser, report, timed_build
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
@@ -54,11 +54,7 @@ def full_size_model(dtype) -> SpeechLLM:
 
 
 def run_dtype(args) -> dict:
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype[0])
-    t0 = time.perf_counter()
-    model = full_size_model(dtype)
-    build_s = time.perf_counter() - t0
+    dtype, model, build_s = timed_build(args, full_size_model)
     n = int(args.seconds * 16000)
     audio, lengths = 0.1 * torch.randn(1, n), torch.tensor([n])
     model.predict(audio, lengths, max_new_tokens=args.new_tokens)  # warm-up

@@ -58,12 +58,17 @@ def bench_one(model, seconds: float, batch: int, runs: int, speed: float) -> dic
     }
 
 
-def run_dtype(args) -> dict:
+def timed_build(args, build) -> tuple[torch.dtype, torch.nn.Module, float]:
+    """args.threads and args.dtype applied, then build(dtype) -> (dtype, model, seconds it took)."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype[0])
     t0 = time.perf_counter()
-    model = parakeet_ctc_06b(dtype)
-    build_s = time.perf_counter() - t0
+    model = build(dtype)
+    return dtype, model, time.perf_counter() - t0
+
+
+def run_dtype(args) -> dict:
+    dtype, model, build_s = timed_build(args, parakeet_ctc_06b)
     gflops = matmul_gflops(dtype)
     speed = gflops / REFERENCE_GFLOPS[args.dtype[0]]  # < 1: this machine is slower than the reference's
     results = [bench_one(model, s, b, args.runs, speed) for s in args.seconds for b in args.batch]

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .asr import ASRModel
-from .config import build, refuse_unknown
 from .audio import LogMelFrontend, PreprocessorConfig
+from .config import build, refuse_unknown
 from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
 from .projector import ProjectorConfig, build_projector
@@ -256,7 +256,7 @@ class SpeechLLM(nn.Module):
             })
         return out
 
-    # -- new parts ---------------------------------------------------------------------------------
+    # -- new parts -------------------------------------------------------------------------------
 
     def new_speaker_kernels(self, cfg: SpeakerKernelConfig, seed: int = 0) -> None:
         """Freshly initialised speaker kernels (speaker.init_weights: they add exactly 0 at first),
@@ -305,7 +305,7 @@ class SpeechLLM(nn.Module):
         if tied:
             state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
-        if cfg.llm.tie_word_embeddings:
+        if tied:
             model.llm.tie_weights()  # assign=True gave the head its own Parameter object
         if dtype is not None:
             model.to(dtype)  # the frontend stays float32 (LogMelFrontend._apply)

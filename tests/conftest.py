@@ -106,6 +106,14 @@ def max_valid_diff(a, b, lengths) -> float:
     return max((a[i, :n] - b[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))
 
 
+def stop_ids(llm, tokenizer) -> list[int]:
+    """Ids that end a reply as transformers' generate stops: generation_config.json's eos_token_id
+    plus the tokenizer's eos ids (which include <|im_end|>, the end of a chat turn)."""
+    eos = llm.generation_config.get("eos_token_id", llm.config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted(set(eos) | set(tokenizer.eos_ids))
+
+
 def rewrite_nemo(src: Path, dst: Path, config=None, state=None, extra=()) -> Path:
     """A copy of a .nemo with its config dict and/or state dict replaced; `extra` adds (name, bytes)
     members. Artifacts (e.g. the tokenizer) are copied as they are."""

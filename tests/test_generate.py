@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import stop_ids
 from speechllm.generate import generate, sample, top_p_filter
 from speechllm.tokenizer import Tokenizer
 
@@ -12,14 +13,6 @@ from speechllm.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def tok(fixtures):
     return Tokenizer.from_pretrained(fixtures / "llm_hf")
-
-
-def stop_ids(llm, tokenizer) -> list[int]:
-    """Ids that end a reply as transformers' generate stops: generation_config.json's eos_token_id
-    plus the tokenizer's eos ids (which include <|im_end|>, the end of a chat turn)."""
-    eos = llm.generation_config.get("eos_token_id", llm.config.eos_token_id)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return sorted(set(eos) | set(tokenizer.eos_ids))
 
 
 def left_pad(rows: list[list[int]], pad_id: int):
