@@ -12,34 +12,37 @@ import sys
 
 import yaml
 
-from speechllm.convert import ConversionError, convert_nemo, inspect, load_checkpoint_into
+import speechllm
+from speechllm.convert import ConversionError, inspect, load_checkpoint_into
+from speechllm.model import SpeechLLM, assemble
+from speechllm.salm import load_salm
+from speechllm.sortformer import SortFormer
+from speechllm.speaker import SpeakerKernelConfig
+from speechllm.tokenizer import TAGS
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 def describe(model) -> str:
-    from speechllm.sortformer import SortFormer
-
     enc = model.cfg.encoder
     if isinstance(model, SortFormer):
         return (f"SortFormer diarizer, FastConformer {enc.n_layers} x {enc.d_model}, "
                 f"Transformer {model.cfg.transformer.num_layers} layers, {model.cfg.num_spks} speakers")
-    if hasattr(model, "llm"):
+    if isinstance(model, SpeechLLM):
         return (f"Speech-LLM: FastConformer {enc.n_layers} x {enc.d_model}, {model.cfg.projector.kind} projector, "
-                f"Qwen2 {model.cfg.llm.num_hidden_layers} x {model.cfg.llm.hidden_size}, tags {list(model.cfg.prompt.tags)}")
+                f"Qwen2 {model.cfg.llm.num_hidden_layers} x {model.cfg.llm.hidden_size}, tags {list(TAGS)}")
     head = f"CTC vocab {model.cfg.vocab_size}+blank" if model.cfg.vocab_size is not None else "no CTC head"
     kernels = f", speaker kernels at layers {list(model.cfg.speaker.layers)}" if model.cfg.speaker else ""
     return f"FastConformer {enc.n_layers} layers x d_model {enc.d_model}{kernels}, {head}"
 
 
 def run_nemo(args):
-    return convert_nemo(args.nemo_file, args.out_dir, legacy_frontend=args.legacy_frontend), args.out_dir
+    model = speechllm.from_nemo(args.nemo_file, legacy_frontend=args.legacy_frontend)
+    model.save_pretrained(args.out_dir)
+    return model, args.out_dir
 
 
 def run_assemble(args):
-    from speechllm.model import assemble
-    from speechllm.speaker import SpeakerKernelConfig
-
     speaker = SpeakerKernelConfig(layers=tuple(args.speaker_kernel_layers)) if args.speaker_kernel_layers else None
     model = assemble(args.encoder, args.llm, speaker=speaker, seed=args.seed)
     model.save_pretrained(args.out)
@@ -47,8 +50,6 @@ def run_assemble(args):
 
 
 def run_checkpoint(args):
-    from speechllm.model import SpeechLLM, assemble
-
     if args.base:
         model = SpeechLLM.from_pretrained(args.base)
     elif args.encoder and args.llm:
@@ -65,8 +66,6 @@ def run_checkpoint(args):
 
 
 def run_salm(args):
-    from speechllm.salm import load_salm
-
     model = load_salm(args.salm_dir, args.prompt)
     model.save_pretrained(args.out)
     return model, args.out

@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import speechllm
+from speechllm.activity import (clip_segments, format_rttm, grid_of, parse_target, predict_with_activity,
+                                probs_to_segments, read_rttm, rttm_file_id)
 from speechllm.asr import ASRModel, prepare_clip
 from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, pad_batch
 from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import SpeechLLM
 from speechllm.precision import fast_dtype
-from speechllm.pipeline import clip_segments, parse_target, predict_with_diarizer, predict_with_rttm, rttm_file_id
-from speechllm.speaker import read_rttm
-from speechllm.sortformer import SortFormer, format_rttm, probs_to_segments
+from speechllm.sortformer import SortFormer
 from speechllm.turn import TurnConfig, TurnDetector, format_event, play
 
 DEMO = Path(__file__).resolve().parent / "checkpoints" / "demo"
@@ -67,17 +68,6 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return fast_dtype(device) if name == "auto" else getattr(torch, name)
 
 
-def load_model(path: Path, dtype, device):
-    kind = json.loads((path / "config.json").read_text()).get("model_type") if (path / "config.json").is_file() else None
-    if kind == "fastconformer_ctc":
-        return ASRModel.from_pretrained(path, dtype=dtype).to(device)
-    if kind == "speechllm":
-        return SpeechLLM.from_pretrained(path, dtype=dtype).to(device)
-    if kind == "sortformer":
-        return SortFormer.from_pretrained(path).to(device)
-    raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json missing, or model_type {kind!r} unknown)")
-
-
 def load_clips(items, max_seconds: float, min_samples: int):
     """[(name, path, offset, duration)] -> {name: samples}, reporting and skipping bad clips."""
     clips, failed = {}, 0
@@ -105,17 +95,17 @@ def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, 
         if isinstance(model, SortFormer):  # one clip at a time: NeMo scales a batch by its joint peak
             for n in chunk:
                 probs, lens = model.diarize(torch.from_numpy(clips[n])[None].to(device))
-                segments = probs_to_segments(probs[0, : lens[0]], args.threshold, args.min_duration)
+                segments = probs_to_segments(probs[0, : lens[0]], args.threshold, args.min_duration, grid_of(model.cfg).frame_s)
                 results[n] = {"segments": segments, "rttm": format_rttm(segments, Path(n).stem)}
         elif isinstance(model, ASRModel):
             results.update(zip(chunk, ({"text": t} for t in model.transcribe([clips[n] for n in chunk]))))
         else:
             audio, lengths = pad_batch([clips[n] for n in chunk])
             audio, lengths = audio.to(device), lengths.to(device)
-            if isinstance(speakers, SortFormer):
-                out = predict_with_diarizer(model, speakers, audio, lengths, args.target_speaker, max_new_tokens, args.threshold)
-            elif speakers is not None:
-                out = predict_with_rttm(model, audio, lengths, [speakers[n] for n in chunk], args.target_speaker, max_new_tokens)
+            if speakers is not None:  # a SortFormer, or each clip's RTTM segments
+                clip_speakers = speakers if isinstance(speakers, SortFormer) else [speakers[n] for n in chunk]
+                out = predict_with_activity(model, audio, lengths, clip_speakers, args.target_speaker, max_new_tokens,
+                                            args.threshold)
             else:
                 out = model.predict(audio, lengths, max_new_tokens)
             results.update(zip(chunk, out))
@@ -165,7 +155,7 @@ def main(argv=None) -> int:
         return 2
     path = Path(args.checkpoint) if args.checkpoint else DEMO
     try:
-        model = load_model(path, pick_dtype(args.dtype, args.device), args.device)
+        model = speechllm.load(path, pick_dtype(args.dtype, args.device), args.device)
         utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")

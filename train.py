@@ -13,9 +13,10 @@ Writes to trainer.out_dir: step_N/ (a model directory `infer.py --checkpoint` lo
 the training state), metrics.jsonl, best.json and, when installed, TensorBoard events.
 
 The loss is the token mean of the whole global batch, as NeMo SALM's is per batch: each
-micro-batch's weighted mean (model.forward) is scaled by its share of the answer-token weight of
-the global batch (every micro-batch of every rank), so 1 process x batch 4, 2 x 2 accumulated and
-2 processes x 2 take the same step.
+micro-batch backpropagates its weighted token sum (model.forward's mean times its answer-token
+weight), and once the weights of every micro-batch of every rank are summed, the gradients are
+divided by that total, so 1 process x batch 4, 2 x 2 accumulated and 2 processes x 2 take the same
+step.
 """
 import argparse
 import dataclasses
@@ -31,17 +32,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from speechllm import checkpoint, dist
+from speechllm.activity import encoder_frames, grid_of, rttm_masks
 from speechllm.precision import fast_dtype
 from speechllm.data import ClipDataset, EpochPlan, ManifestError, collate, draw_probabilities, load_split
 from speechllm.lora import adapter_names, adapter_state, merged_state_dict
 from speechllm.metrics import classification_report, wer
 from speechllm.model import PromptConfig, SpeechLLM, assemble
 from speechllm.optim import build_optimizer, get_lr, set_train_mode, setup_trainable, trainable_table
-from speechllm.projector import ProjectorConfig, build_projector
-from speechllm.pipeline import encoder_frames, rttm_masks
-from speechllm.speaker import SpeakerKernelConfig, build_kernels
-from speechllm.speaker import init_weights as init_speaker_kernels
+from speechllm.speaker import SpeakerKernelConfig
 from speechllm.train_config import load_config
+from speechllm.weights import write_json
 
 print0 = dist.print0
 
@@ -68,21 +68,13 @@ def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
         model = SpeechLLM.from_pretrained(resume)
     elif mc.init_from:
         model = SpeechLLM.from_pretrained(mc.init_from)
-    else:
-        model = assemble(mc.pretrained_asr, mc.pretrained_llm, prompt=PromptConfig(**mc.prompt), seed=seed)
-        if mc.projector:  # fields over assemble's projector, which fits the encoder and LLM widths
-            pc = ProjectorConfig.from_dict({**model.cfg.projector.to_dict(), **mc.projector})
-            torch.manual_seed(seed)
-            model.projector = build_projector(pc)
-            model.projector.init_weights()
-            model.cfg = dataclasses.replace(model.cfg, projector=pc)
+    else:  # model.projector: fields over assemble's projector, which fits the encoder and LLM widths
+        model = assemble(mc.pretrained_asr, mc.pretrained_llm, mc.projector, PromptConfig.from_dict(mc.prompt, "model.prompt."),
+                         seed=seed)
     if mc.speaker_kernels is not None and resume is None:
         sc = SpeakerKernelConfig.from_dict(mc.speaker_kernels)
         if model.cfg.speaker is None:
-            torch.manual_seed(seed)
-            model.spk_kernels, model.bg_spk_kernels = build_kernels(sc, model.cfg.encoder.d_model, model.cfg.encoder.n_layers)
-            init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
-            model.cfg = dataclasses.replace(model.cfg, speaker=sc)
+            model.new_speaker_kernels(sc, seed)
         elif model.cfg.speaker != sc:
             raise ValueError(f"the model already has speaker kernels {model.cfg.speaker}, not {sc}")
     if mc.tag_loss_weight is not None:
@@ -123,11 +115,6 @@ def targets(batch: dict, task: str):
     return batch["text"], (batch["label"] if task == "turntaking" else [None] * len(batch["text"]))
 
 
-def loss_weight(model: SpeechLLM, transcripts, tags) -> float:
-    """sum of model.forward's token weights: 1 per answer token, tag_loss_weight for the tag."""
-    return sum(sum(model.answer_weights(*model.answer_ids(text, tag))) for text, tag in zip(transcripts, tags))
-
-
 def speaker_masks(model: SpeechLLM, batch: dict, device):
     """(s, g) per encoder frame from the clips' speaker segments, or (None, None) when the model
     has no kernels or no clip has segments. A clip without segments is all target speaker."""
@@ -138,7 +125,7 @@ def speaker_masks(model: SpeechLLM, batch: dict, device):
                 for segs, dur in zip(batch["speakers"], batch["duration"])]
     # No target_speaker: the one talking when talk stops, infer.py's --target-speaker auto.
     targets = [t if t is not None else "auto" for t in batch["target_speaker"]]
-    s, g, _ = rttm_masks(segments, frames, list(batch["duration"]), targets)
+    s, g, _ = rttm_masks(segments, frames, list(batch["duration"]), targets, grid_of(model.cfg))
     return s.to(device), g.to(device)
 
 
@@ -161,9 +148,9 @@ def evaluate(model: SpeechLLM, loader, ctx, task: str, max_new_tokens: int, d: d
         transcripts, tags = targets(batch, task)
         s, g = speaker_masks(model, batch, d.device)
         with ctx:
-            loss, _ = model(audio, lengths, transcripts, tags, s, g)
+            loss, stats = model(audio, lengths, transcripts, tags, s, g)
             out = model.predict(audio, lengths, max_new_tokens, s, g)
-        w = loss_weight(model, transcripts, tags)
+        w = float(stats["weight"])
         loss_sum, weight = loss_sum + float(loss) * w, weight + w
         rows += [(tag, o["tag"], text, o["transcript"]) for tag, text, o in zip(batch["label"], transcripts, out)]
     shares = dist.gather_to_master((rows, loss_sum, weight), d)
@@ -347,26 +334,28 @@ def train(cfg, args, d: dist.Dist) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(batches) for _ in range(accum)]
-        weights = [loss_weight(model, *targets(b, task)) for b in micro]
-        totals = torch.tensor([sum(weights), sum(len(b["index"]) for b in micro)], dtype=torch.float64, device=d.device)
-        total_weight, n_samples = dist.all_reduce_sum(totals).tolist()
-        loss_sum, tag_losses = torch.zeros((), dtype=torch.float64, device=d.device), []
-        for i, (batch, w) in enumerate(zip(micro, weights)):
+        sums, tag_losses = torch.zeros(3, dtype=torch.float64, device=d.device), []  # loss x weight, weight, clips
+        for i, batch in enumerate(micro):
             audio, lengths = batch["audio"].to(d.device, non_blocking=True), batch["lengths"].to(d.device)
             s, g = speaker_masks(model, batch, d.device)
             try:
                 with ddp.no_sync() if ddp is not None and i < accum - 1 else nullcontext():
                     with ctx:
                         loss, stats = forward(audio, lengths, *targets(batch, task), s, g)
-                    # This micro-batch's share of the global token mean; DDP averages over ranks, hence * world.
-                    (loss * (w * world / total_weight)).backward()
+                    # This micro-batch's weighted token sum; divided by the global weight below.
+                    (loss * stats["weight"]).backward()
             except Exception:
                 print(f"rank {d.rank}: step {step} failed on {clip_ids(batch, train_split)}", file=sys.stderr)
                 raise
-            loss_sum += loss.detach().double() * w
+            w = stats["weight"].double()
+            sums += torch.stack([loss.detach().double() * w, w, w.new_tensor(len(batch["index"]))])
             if stats["tag_loss"] is not None:
                 tag_losses.append(float(stats["tag_loss"]))
-        train_loss = float(dist.all_reduce_sum(loss_sum)) / total_weight
+        loss_sum, total_weight, n_samples = dist.all_reduce_sum(sums).tolist()
+        train_loss = loss_sum / total_weight
+        for p in params:  # the global token mean's gradient; DDP averaged over ranks, hence * world
+            if p.grad is not None:
+                p.grad.mul_(world / total_weight)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.gradient_clip_val or math.inf))
         if math.isfinite(train_loss) and math.isfinite(grad_norm):
             optimizer.step()
@@ -409,7 +398,7 @@ def train(cfg, args, d: dist.Dist) -> int:
                 log.record(step, "dev", metrics)
                 if better(metrics, loop["best"], tc.monitor):
                     loop["best"] = {"step": step, "monitor": tc.monitor, "value": metrics[tc.monitor]}
-                    checkpoint.write_json(out / "best.json", loop["best"])
+                    write_json(out / "best.json", loop["best"])
             loop["best"] = dist.broadcast(loop["best"], d)
             t_last, timed_steps, samples_seen = time.perf_counter(), 0, 0  # eval time is not training speed
         if step % tc.save_every_n_steps == 0 or last:

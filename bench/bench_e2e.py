@@ -9,8 +9,6 @@ spliced prompt, then --new-tokens greedy steps (the transcript) and the tag read
 Random weights never emit a tag on their own, so `predict` reads it at the last step, which costs
 the same as a trained model writing a transcript of that length. One warm-up, median of --runs.
 """
-import argparse
-import json
 import resource
 import statistics
 import time
@@ -19,7 +17,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from bench_encoder import REFERENCE_GFLOPS, per_dtype_processes
+from bench_encoder import REFERENCE_GFLOPS, dtype_parser, report, timed_build
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
@@ -56,11 +54,7 @@ def full_size_model(dtype) -> SpeechLLM:
 
 
 def run_dtype(args) -> dict:
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype[0])
-    t0 = time.perf_counter()
-    model = full_size_model(dtype)
-    build_s = time.perf_counter() - t0
+    dtype, model, build_s = timed_build(args, full_size_model)
     n = int(args.seconds * 16000)
     audio, lengths = 0.1 * torch.randn(1, n), torch.tensor([n])
     model.predict(audio, lengths, max_new_tokens=args.new_tokens)  # warm-up
@@ -84,20 +78,12 @@ def run_dtype(args) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p = dtype_parser(__doc__)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    if len(args.dtype) == 1:
-        print(json.dumps(run_dtype(args)))
-        return
-    out = per_dtype_processes(__file__, args.dtype, ["--seconds", str(args.seconds), "--runs", str(args.runs),
-                                                     "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)])
-    print(json.dumps({"benchmark": "e2e", "model": "parakeet-0.6b + projector + Qwen2.5-0.5B, random weights",
-                      "by_dtype": out}, indent=1))
+    report(__file__, args, run_dtype, ["--seconds", str(args.seconds), "--new-tokens", str(args.new_tokens)],
+           {"benchmark": "e2e", "model": "parakeet-0.6b + projector + Qwen2.5-0.5B, random weights"})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from speechllm.asr import ASRConfig, ASRModel
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
-from speechllm.precision import matmul_gflops  # the reference file's 2048^3 matmul by default
+from speechllm.precision import matmul_gflops  # the 2048^3 matmul rate, as the reference table's
 
 
 def parakeet_ctc_06b(dtype) -> ASRModel:
@@ -58,12 +58,17 @@ def bench_one(model, seconds: float, batch: int, runs: int, speed: float) -> dic
     }
 
 
-def run_dtype(args) -> dict:
+def timed_build(args, build) -> tuple[torch.dtype, torch.nn.Module, float]:
+    """args.threads and args.dtype applied, then build(dtype) -> (dtype, model, seconds it took)."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype[0])
     t0 = time.perf_counter()
-    model = parakeet_ctc_06b(dtype)
-    build_s = time.perf_counter() - t0
+    model = build(dtype)
+    return dtype, model, time.perf_counter() - t0
+
+
+def run_dtype(args) -> dict:
+    dtype, model, build_s = timed_build(args, parakeet_ctc_06b)
     gflops = matmul_gflops(dtype)
     speed = gflops / REFERENCE_GFLOPS[args.dtype[0]]  # < 1: this machine is slower than the reference's
     results = [bench_one(model, s, b, args.runs, speed) for s in args.seconds for b in args.batch]
@@ -83,21 +88,32 @@ def per_dtype_processes(script: str, dtypes: list[str], args: list[str]) -> list
     return [json.loads(r.stdout) for r in runs]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dtype_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of every per-dtype benchmark: --dtype, --runs, --threads (the script adds its own)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--seconds", nargs="+", type=float, default=[5.0, 20.0])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    return p
+
+
+def report(script: str, args, run_dtype, own_args: list[str], header: dict) -> None:
+    """One --dtype: run it here and print its JSON. Several: one fresh process each
+    (per_dtype_processes, passing own_args on), printed together under `header`."""
     if len(args.dtype) == 1:
         print(json.dumps(run_dtype(args)))
         return
-    out = per_dtype_processes(__file__, args.dtype, ["--runs", str(args.runs), "--threads", str(args.threads),
-                                                     "--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)])
-    print(json.dumps({"benchmark": "encoder", "model": "parakeet-ctc-0.6b size, random weights", "by_dtype": out},
-                     indent=1))
+    out = per_dtype_processes(script, args.dtype, ["--runs", str(args.runs), "--threads", str(args.threads), *own_args])
+    print(json.dumps({**header, "by_dtype": out}, indent=1))
+
+
+def main():
+    p = dtype_parser(__doc__)
+    p.add_argument("--seconds", nargs="+", type=float, default=[5.0, 20.0])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    args = p.parse_args()
+    report(__file__, args, run_dtype, ["--seconds", *map(str, args.seconds), "--batch", *map(str, args.batch)],
+           {"benchmark": "encoder", "model": "parakeet-ctc-0.6b size, random weights"})
 
 
 if __name__ == "__main__":

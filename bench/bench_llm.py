@@ -15,14 +15,14 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
+from bench_encoder import per_dtype_processes
 from speechllm.generate import decode_one_token, generate, prefill
+from speechllm.precision import matmul_gflops
 from speechllm.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 # The published config.json of each model (random weights here).
@@ -72,18 +72,13 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(timed_runs(fn, runs))
 
 
-def matmul_gflops(dtype) -> float:
-    """This machine's (2048 x 2048)^2 matmul rate right now, to compare with the reference table
-    (198 GFLOP/s fp32, 849 bf16): other jobs on the same cores show up here first."""
-    a = torch.randn(2048, 2048).to(dtype)
-    return round(2 * 2048 ** 3 / median_time(lambda: a @ a, 5) / 1e9, 1)
-
-
 def bench(model_name: str, dtype_name: str, runs: int, n_prompt: int, n_new: int,
           layers: int | None = None) -> dict:
     torch.set_num_threads(2)
     dtype = getattr(torch, dtype_name)
-    gflops_before = matmul_gflops(dtype)
+    # this machine's 2048^3 matmul rate now, against the reference table's (198 GFLOP/s fp32, 849 bf16):
+    # other jobs on the same cores show up here first
+    gflops_before = round(matmul_gflops(dtype), 1)
     config = CONFIGS[model_name]
     if layers is not None:  # a shallower model for quick checks: timings not comparable then
         config = replace(config, num_hidden_layers=layers)
@@ -129,7 +124,7 @@ def bench(model_name: str, dtype_name: str, runs: int, n_prompt: int, n_new: int
         "prefill_s_min": round(min(prefill_runs), 3),
         "decode_ms_per_token_min": round(1000 * min(decode_runs) / n_new, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "matmul_gflops_before_after": [gflops_before, matmul_gflops(dtype)],
+        "matmul_gflops_before_after": [gflops_before, round(matmul_gflops(dtype), 1)],
         "reference_transformers": reference,
     }
 
@@ -147,14 +142,12 @@ def main():
         print(json.dumps(bench(args.model, args.dtype, args.runs, args.prompt, args.new,
                                args.layers)))
         return
-    results = {"torch": torch.__version__, "threads": 2, "model": args.model}
-    for dtype in ("float32", "bfloat16"):
-        cmd = [sys.executable, __file__, "--model", args.model, "--dtype", dtype,
-               "--runs", str(args.runs), "--prompt", str(args.prompt), "--new", str(args.new)]
-        cmd += ["--layers", str(args.layers)] if args.layers is not None else []
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[dtype] = json.loads(out.strip().splitlines()[-1])
-    print(json.dumps(results, indent=2))
+    dtypes = ["float32", "bfloat16"]
+    extra = ["--model", args.model, "--runs", str(args.runs), "--prompt", str(args.prompt), "--new", str(args.new)]
+    extra += ["--layers", str(args.layers)] if args.layers is not None else []
+    runs = per_dtype_processes(__file__, dtypes, extra)
+    print(json.dumps({"torch": torch.__version__, "threads": 2, "model": args.model, **dict(zip(dtypes, runs))},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -24,15 +24,13 @@ import numpy as np
 import soundfile as sf
 import torch
 import yaml
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
+from bench_e2e import byte_tokenizer
 from speechllm.audio import PreprocessorConfig
 from speechllm.fastconformer import FastConformerConfig
 from speechllm.model import SpeechLLM, SpeechLLMConfig
 from speechllm.projector import ProjectorConfig
 from speechllm.qwen2 import Qwen2Config
-from speechllm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "so i was thinking we could go there tomorrow if the weather holds yeah right okay".split()
@@ -41,17 +39,13 @@ LABELS = ["COMPLETE", "INCOMPLETE", "BACKCHANNEL"]
 
 def small_model(path: Path) -> None:
     """Write a small random Speech-LLM directory (train.py starts from it with model.init_from)."""
-    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     pre = PreprocessorConfig(window_size=0.025, window_stride=0.01, n_fft=512, features=80, pad_to=0)
     enc = FastConformerConfig(d_model=256, n_layers=4, n_heads=4, subsampling_conv_channels=64)
     proj = ProjectorConfig(in_dim=256, out_dim=256, n_heads=4, ffn_dim=1024)
     llm = Qwen2Config(vocab_size=320, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
     torch.manual_seed(0)
-    SpeechLLM(SpeechLLMConfig(pre, enc, proj, llm), Tokenizer(tok)).save_pretrained(path)
+    SpeechLLM(SpeechLLMConfig(pre, enc, proj, llm), byte_tokenizer()).save_pretrained(path)
 
 
 def synthetic_clips(root: Path, n: int, seconds: float) -> Path:

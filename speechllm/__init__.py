@@ -1,7 +1,17 @@
-"""speechllm: a pure-PyTorch Speech-LLM for turn-taking (FastConformer -> projector -> Qwen LLM)."""
+"""speechllm: a pure-PyTorch Speech-LLM for turn-taking (FastConformer or Whisper -> projector -> Qwen LLM).
+
+    model = speechllm.load("checkpoints/tt")          # any directory convert_weights.py or train.py wrote
+    model = speechllm.from_nemo("parakeet.nemo")       # or a NeMo archive, read in place
+"""
+from pathlib import Path
+
+import torch
+
 from .asr import ASRModel
 from .audio import AudioError, LogMelFrontend, PreprocessorConfig, load_audio, resample
+from .convert import NemoArchive, nemo_model
 from .fastconformer import FastConformer, FastConformerConfig
+from .llm import SUPPORTED as LLM_TYPES
 from .llm import load_llm
 from .model import PromptConfig, SpeechLLM, SpeechLLMConfig, assemble
 from .projector import ProjectorConfig
@@ -12,4 +22,39 @@ from .sortformer import SortFormer
 from .speaker import SpeakerKernelConfig
 from .tokenizer import Tokenizer
 from .turn import TurnConfig, TurnDetector
+from .weights import read_json
 from .whisper import WhisperEncoder, WhisperEncoderConfig
+
+
+def load(path, dtype: torch.dtype | None = None, device="cpu"):
+    """A model directory (its config.json's model_type names the class) or a .nemo archive -> the
+    model in eval mode on `device`. dtype: the weights of an ASR model or Speech-LLM (None keeps the
+    stored dtype; the log-mel frontend stays float32); a SortFormer keeps its stored dtype."""
+    path = Path(path)
+    if path.suffix == ".nemo":
+        model = from_nemo(path)
+        return (model.to(dtype) if dtype is not None and isinstance(model, ASRModel) else model).to(device)
+    config = path / "config.json"
+    kind = read_json(config).get("model_type") if config.is_file() else None
+    if kind == "fastconformer_ctc":
+        return ASRModel.from_pretrained(path, dtype=dtype).to(device)
+    if kind == "speechllm":
+        return SpeechLLM.from_pretrained(path, dtype=dtype).to(device)
+    if kind == "sortformer":
+        return SortFormer.from_pretrained(path).to(device)
+    if kind in ("whisper", "whisper_encoder"):  # a Hugging Face Whisper directory, or ours
+        return WhisperEncoder.from_pretrained(path, dtype=dtype).to(device)
+    if kind in LLM_TYPES:
+        return load_llm(path, dtype=dtype, device=device)
+    raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json missing, or model_type {kind!r} unknown)")
+
+
+def from_nemo(path, legacy_frontend: bool = False):
+    """A NeMo .nemo archive -> ASRModel or SortFormer, by its model class (convert.NEMO_MODELS);
+    ASRModel.from_nemo refuses the classes nobody imports."""
+    archive = NemoArchive(path)
+    kind, _ = nemo_model(archive.target)
+    archive.close()
+    if kind == "sortformer":
+        return SortFormer.from_nemo(path, legacy_frontend=legacy_frontend)
+    return ASRModel.from_nemo(path, legacy_frontend=legacy_frontend)

@@ -12,7 +12,6 @@ lengths, spk_targets, bg_spk_targets)`. `from_nemo` also reads NeMo's multitalke
 (EncDecMultiTalkerRNNTBPEModel) for its preprocessor, encoder and kernels; without an RNNT decoder
 here, such a model encodes but cannot transcribe (vocab_size None: no CTC head).
 """
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,13 @@ import sentencepiece as spm
 import torch
 import torch.nn as nn
 from tqdm import tqdm
-from safetensors.torch import load_file, save_file
 
 from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio, pad_batch
-from .convert import (NEMO_CTC_KEYS, NEMO_CTC_TARGETS, NEMO_MULTITALKER_KEYS, NEMO_MULTITALKER_TARGETS,
-                      NEMO_SPK_KERNEL_KEYS, ConversionError, NemoArchive, dropped_keys, read_nemo_tokenizer, remap)
+from .config import refuse_unknown
+from .convert import NEMO_CTC_KEYS, ConversionError, dropped_keys, open_nemo, read_nemo_tokenizer, remap
 from .fastconformer import FastConformer, FastConformerConfig
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
+from .weights import read_json, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ class ASRConfig:
     def from_dict(cls, d: dict) -> "ASRConfig":
         if d.get("model_type") != "fastconformer_ctc":
             raise ValueError(f"not an ASR checkpoint config: model_type={d.get('model_type')!r}")
+        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "vocab_size", "speaker_kernels"))
         return cls(
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),
@@ -165,24 +165,15 @@ class ASRModel(nn.Module):
 
     @classmethod
     def from_nemo(cls, path, legacy_frontend: bool = False) -> "ASRModel":
-        archive = NemoArchive(path)
+        archive, table = open_nemo(path, "fastconformer_ctc", "an ASR model we can import")
         try:
             target = archive.target
-            ctc = target.endswith(NEMO_CTC_TARGETS)
-            if not ctc and not target.endswith(NEMO_MULTITALKER_TARGETS):
-                raise ConversionError(
-                    f"{path}: model class {target or '(none)'} is not an ASR model we can import "
-                    f"(supported: {', '.join(NEMO_CTC_TARGETS + NEMO_MULTITALKER_TARGETS)})"
-                )
+            ctc = table is NEMO_CTC_KEYS  # else the multitalker RNNT model: encoder and kernels only
             c = archive.config
             pre = PreprocessorConfig.from_nemo(c["preprocessor"], legacy=legacy_frontend)
             enc = FastConformerConfig.from_nemo(c["encoder"])
             speaker = SpeakerKernelConfig.from_nemo(c, enc)
             vocab = int(c["decoder"]["num_classes"]) if ctc else None
-            if ctc:
-                table = NEMO_CTC_KEYS | (NEMO_SPK_KERNEL_KEYS if speaker else {})
-            else:
-                table = NEMO_MULTITALKER_KEYS
             model = cls(ASRConfig(pre, enc, vocab, speaker), read_nemo_tokenizer(archive))
             source = archive.state_dict()
             sd = remap(table, source, model.state_dict(), f"{path} ({target})")
@@ -201,31 +192,21 @@ class ASRModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "ASRModel":
         path = Path(path)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path}: not an ASR checkpoint directory ({name} is missing)")
-        cfg = ASRConfig.from_dict(json.loads((path / "config.json").read_text()))
+        require(path, ("config.json", "model.safetensors"), "an ASR checkpoint directory")
+        cfg = ASRConfig.from_dict(read_json(path / "config.json"))
         tok = (path / "tokenizer.model").read_bytes() if (path / "tokenizer.model").is_file() else None
         with torch.device("meta"):
             model = cls(cfg)
         model.tokenizer_model = tok
         model.tokenizer = spm.SentencePieceProcessor(model_proto=tok) if tok else None
-        sd = load_file(path / "model.safetensors")
-        sd = remap({"": ""}, sd, model.state_dict(), str(path / "model.safetensors"))
-        model.load_state_dict(sd, strict=True, assign=True)
-        if dtype is not None:  # the frontend stays fp32
-            for part in (model.encoder, model.decoder, model.spk_kernels, model.bg_spk_kernels):
-                if part is not None:
-                    part.to(dtype)
+        model.load_state_dict(read_state(path, model.state_dict()), strict=True, assign=True)
+        if dtype is not None:
+            model.to(dtype)  # the frontend stays fp32 (LogMelFrontend._apply)
         return model.eval()
 
     def save_pretrained(self, path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
-        if self.tokenizer_model is not None:
-            (path / "tokenizer.model").write_bytes(self.tokenizer_model)
+        tok = {"tokenizer.model": self.tokenizer_model} if self.tokenizer_model is not None else {}
+        save_dir(path, self.cfg.to_dict(), self.state_dict(), tok)
 
 
 def prepare_clip(x, name: str, min_samples: int) -> np.ndarray:

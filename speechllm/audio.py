@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import build
+
 SAMPLE_RATE = 16000
 
 # -----------------------------------------------------------------------------
@@ -254,10 +256,7 @@ class PreprocessorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessorConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preprocessor config keys: {sorted(unknown)}")
-        return cls(**d)
+        return build(cls, d, "preprocessor.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -337,6 +336,15 @@ class LogMelFrontend(nn.Module):
         self.register_buffer("window", WINDOWS[cfg.window](cfg.win_length, periodic=False))  # (win_length,)
         fb = mel_filterbank(cfg.sample_rate, cfg.fft_size, cfg.features, cfg.lowfreq, fmax, cfg.mel_norm)
         self.register_buffer("fb", fb[None])  # (1, n_mels, n_fft // 2 + 1)
+
+    def _apply(self, fn, recurse=True):
+        """Every cast and move of a module (.to, .half(), .bfloat16(), .cuda(), ...) runs through here:
+        the buffers take the device `fn` gives them but stay float32 with their float32 values, as
+        NeMo keeps its frontend (casting to bf16 and back would round the filterbank)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device=fn(buf).device, dtype=torch.float32)
+        return self
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):

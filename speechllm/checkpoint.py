@@ -12,7 +12,6 @@ renamed to step_N (a rename is atomic on POSIX file systems). A run killed at an
 complete step_N folders and at most one temporary folder, which `latest` ignores and
 `remove_partial` deletes. Pruning keeps the newest `keep_last` and the best.
 """
-import json
 import os
 import re
 import shutil
@@ -22,25 +21,10 @@ from typing import Callable
 import torch
 
 from .model import SpeechLLM
+from .weights import fsync_dir, fsync_tree
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE = "trainer_state.pt"
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(out_dir, step: int, write_model: Callable[[Path], None], state: dict, config_yaml: str) -> Path:
@@ -97,17 +81,6 @@ def prune(out_dir, keep_last: int, best_step: int | None = None) -> None:
 
 def load_state(path) -> dict:
     return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
-
-
-def write_json(path, obj) -> None:
-    """Atomically replace a small JSON file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def export(model: SpeechLLM, state: dict, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Bring upstream checkpoints in: NeMo `.nemo` archives today.
+"""Bring upstream checkpoints in: NeMo `.nemo` archives, NeMo SALM directories and full training
+checkpoints (step_N.pt). This module reads files; it builds no model (the models import it).
 
 A `.nemo` file is a tar (uncompressed since NeMo 1.7, gzip before) holding `model_config.yaml`,
 `model_weights.ckpt` (a `torch.save`d state dict, no prefix) and artifacts renamed
@@ -7,10 +8,10 @@ members are read in memory, and the weights are streamed into a temporary file w
 then loaded with `weights_only=True`, so an archive from elsewhere can neither run code nor write
 outside that file.
 
-Key renaming is a visible table per source format. `remap` applies one and reports every problem at
-once: source tensors nothing consumed, target tensors nothing filled, and shape mismatches.
+Key renaming is a visible table per source format, all of them in the block below. `remap` applies
+one and reports every problem at once: source tensors nothing consumed, target tensors nothing
+filled, and shape mismatches.
 """
-import json
 import os
 import tarfile
 import tempfile
@@ -19,21 +20,103 @@ from pathlib import Path
 import torch
 import yaml
 
-# NeMo key prefix -> our key prefix. Our module names mirror NeMo's, so most rows are identities;
-# None means "known and deliberately not imported".
+from .weights import ConversionError, check_fit, headers, read_json, short
+
+# ----------------------------------------------------------------------------------------------
+# key tables: source key prefix -> our key prefix; the longest matching prefix wins. Our module names
+# mirror NeMo's, so most rows are identities; None means "known and deliberately not imported".
+
+# SpeakerKernelMixin kernels sit at the model's top level in NeMo and in ASRModel alike.
+NEMO_SPK_KERNEL_KEYS = {
+    "spk_kernels.": "spk_kernels.",
+    "bg_spk_kernels.": "bg_spk_kernels.",
+}
+
+# EncDecCTCModel(BPE): frontend, encoder, CTC head, and speaker kernels when the config has them.
 NEMO_CTC_KEYS = {
     "preprocessor.featurizer.window": "preprocessor.window",
     "preprocessor.featurizer.fb": "preprocessor.fb",
     "encoder.": "encoder.",
     "decoder.decoder_layers.0.": "decoder.decoder_layers.0.",
+    **NEMO_SPK_KERNEL_KEYS,
 }
 
-# NeMo model classes we know how to import as a CTC ASR model.
-NEMO_CTC_TARGETS = ("EncDecCTCModelBPE", "EncDecCTCModel")
+# EncDecMultiTalkerRNNTBPEModel: we import the encoder side only. There is no RNNT decoding here, so
+# the prediction network and joint are left out, and ASRModel.from_nemo logs their names.
+NEMO_MULTITALKER_KEYS = {
+    "preprocessor.featurizer.window": "preprocessor.window",
+    "preprocessor.featurizer.fb": "preprocessor.fb",
+    "encoder.": "encoder.",
+    **NEMO_SPK_KERNEL_KEYS,
+    "decoder.": None,  # RNNT prediction network (embedding + LSTM)
+    "joint.": None,  # RNNT joint network
+}
+
+# SortformerEncLabelModel, offline path. Apart from the frontend every row is an identity; the table
+# exists to say what is (not) imported.
+NEMO_SORTFORMER_KEYS = {
+    "preprocessor.featurizer.window": "preprocessor.window",
+    "preprocessor.featurizer.fb": "preprocessor.fb",
+    "encoder.": "encoder.",
+    "sortformer_modules.encoder_proj.": "sortformer_modules.encoder_proj.",
+    "sortformer_modules.first_hidden_to_hidden.": "sortformer_modules.first_hidden_to_hidden.",
+    "sortformer_modules.single_hidden_to_spks.": "sortformer_modules.single_hidden_to_spks.",
+    # Linear(2 * tf_d_model -> num_spks): in every checkpoint, read by no forward path in NeMo 3.0.0.
+    "sortformer_modules.hidden_to_spks.": None,
+    "transformer_encoder.layers.": "transformer_encoder.layers.",
+}
+
+# NeMo model class (the end of the config's `target`) -> (our model_type, its key table). The one map
+# that ASRModel.from_nemo, SortFormer.from_nemo, speechllm.from_nemo and `inspect` read.
+NEMO_MODELS = {
+    "EncDecCTCModelBPE": ("fastconformer_ctc", NEMO_CTC_KEYS),
+    "EncDecCTCModel": ("fastconformer_ctc", NEMO_CTC_KEYS),
+    "EncDecMultiTalkerRNNTBPEModel": ("fastconformer_ctc", NEMO_MULTITALKER_KEYS),
+    "SortformerEncLabelModel": ("sortformer", NEMO_SORTFORMER_KEYS),
+}
+
+# NeMo speechlm2 SALM's model.safetensors -> a SpeechLLM with the "salm" projector. The tied head
+# comes from the file's alias metadata (salm.load_state).
+SALM_KEYS = {
+    "embed_tokens.": "llm.model.embed_tokens.",
+    "llm.model.": "llm.model.",
+    "llm.lm_head.": "llm.lm_head.",
+    "perception.preprocessor.featurizer.": "preprocessor.",
+    "perception.encoder.": "encoder.",
+    "perception.modality_adapter.": "projector.modality_adapter.",
+    "perception.proj.": "projector.proj.",
+}
+
+# Component prefixes seen in Speech-LLM training checkpoints -> ours. The longest prefix wins, so an
+# ASR model kept whole under `encoder` (encoder.encoder.*, encoder.preprocessor.*) and NeMo SALM's
+# `perception.*` both land in the right place.
+SPEECHLLM_CKPT_KEYS = {
+    "preprocessor.featurizer.": "preprocessor.",
+    "preprocessor.": "preprocessor.",
+    "encoder.": "encoder.",
+    "encoder.preprocessor.featurizer.": "preprocessor.",
+    "encoder.encoder.": "encoder.",
+    "encoder.decoder.": None,  # the ASR model's CTC head: not part of the Speech-LLM
+    "encoder.spk_kernels.": "spk_kernels.",
+    "encoder.bg_spk_kernels.": "bg_spk_kernels.",
+    "spk_kernels.": "spk_kernels.",
+    "bg_spk_kernels.": "bg_spk_kernels.",
+    "perception.preprocessor.featurizer.": "preprocessor.",
+    "perception.encoder.": "encoder.",
+    "perception.modality_adapter.": "projector.modality_adapter.",
+    "perception.proj.": "projector.proj.",
+    "projector.": "projector.",
+    "llm.": "llm.",
+    "llm.base_model.model.": "llm.",  # PEFT-wrapped LLM (LoRA factors are merged first)
+    "embed_tokens.": "llm.model.embed_tokens.",  # SALM keeps the embedding outside the LLM
+    "decoder.": None,
+}
 
 
-class ConversionError(ValueError):
-    pass
+def nemo_model(target: str) -> tuple[str | None, dict | None]:
+    """A NeMo config's target class -> (our model_type, key table), or (None, None) if unknown."""
+    name = next((c for c in NEMO_MODELS if target.endswith(c)), None)
+    return NEMO_MODELS.get(name, (None, None))
 
 
 def place(table: dict, source: dict) -> tuple[dict, dict, list[str]]:
@@ -54,35 +137,15 @@ def place(table: dict, source: dict) -> tuple[dict, dict, list[str]]:
 
 def remap(table: dict, source: dict, expected: dict, what: str) -> dict:
     """`place` `source` with `table` and check the result against `expected` (our key -> tensor or
-    shape). Raises ConversionError listing every problem."""
-    out, _, unused = place(table, source)
-    missing = sorted(set(expected) - set(out))
-    unexpected = sorted(set(out) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(_shape(expected[k]))}"
-        for k in sorted(set(out) & set(expected))
-        if tuple(out[k].shape) != tuple(_shape(expected[k]))
-    ]
-    problems = []
-    if unused:
-        problems.append(f"{len(unused)} tensors nothing maps: {_short(unused)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors the model does not have: {_short(unexpected)}")
-    if missing:
-        problems.append(f"{len(missing)} model tensors missing from the checkpoint: {_short(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_short(mismatched)}")
-    if problems:
-        raise ConversionError(f"cannot import {what}:\n  " + "\n  ".join(problems))
+    shape). Raises ConversionError listing every problem (weights.check_fit)."""
+    out, _, unplaced = place(table, source)
+    check_fit(out, expected, what, unplaced)
     return out
 
 
-def _shape(x):
-    return x.shape if hasattr(x, "shape") else x
-
-
-def _short(names, n=20):
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+def dropped_keys(table: dict, source: dict) -> list[str]:
+    """Source keys that `table` deliberately leaves out (their longest matching prefix maps to None)."""
+    return [k for k, ours in place(table, source)[1].items() if ours is None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +215,19 @@ class NemoArchive:
         self._tar.close()
 
 
+def open_nemo(path, model_type: str, what: str) -> tuple[NemoArchive, dict]:
+    """A .nemo archive and its key table (NEMO_MODELS), refusing a model class that is not
+    `model_type`; `what` names it in the error. The caller closes the archive."""
+    archive = NemoArchive(path)
+    kind, table = nemo_model(archive.target)
+    if kind != model_type:
+        archive.close()
+        supported = [c for c, (k, _) in NEMO_MODELS.items() if k == model_type]
+        raise ConversionError(f"{path}: model class {archive.target or '(none)'} is not {what} "
+                              f"(supported: {', '.join(supported)})")
+    return archive, table
+
+
 def read_nemo_tokenizer(archive: NemoArchive) -> bytes:
     tok = archive.config.get("tokenizer") or {}
     ref = tok.get("model_path")
@@ -164,89 +240,7 @@ def read_nemo_tokenizer(archive: NemoArchive) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------
-# speaker models: SortFormer diarizer, multitalker (speaker-kernel) ASR
-
-# SortformerEncLabelModel, offline path. Module names mirror NeMo's, so apart from the frontend every
-# row is an identity; the table exists to say what is (not) imported.
-NEMO_SORTFORMER_KEYS = {
-    "preprocessor.featurizer.window": "preprocessor.window",
-    "preprocessor.featurizer.fb": "preprocessor.fb",
-    "encoder.": "encoder.",
-    "sortformer_modules.encoder_proj.": "sortformer_modules.encoder_proj.",
-    "sortformer_modules.first_hidden_to_hidden.": "sortformer_modules.first_hidden_to_hidden.",
-    "sortformer_modules.single_hidden_to_spks.": "sortformer_modules.single_hidden_to_spks.",
-    # Linear(2 * tf_d_model -> num_spks): in every checkpoint, read by no forward path in NeMo 3.0.0.
-    "sortformer_modules.hidden_to_spks.": None,
-    "transformer_encoder.layers.": "transformer_encoder.layers.",
-}
-NEMO_SORTFORMER_TARGETS = ("SortformerEncLabelModel",)
-
-# SpeakerKernelMixin kernels sit at the model's top level in NeMo and in ASRModel alike.
-NEMO_SPK_KERNEL_KEYS = {
-    "spk_kernels.": "spk_kernels.",
-    "bg_spk_kernels.": "bg_spk_kernels.",
-}
-
-# EncDecMultiTalkerRNNTBPEModel: we import the encoder side only. There is no RNNT decoding here, so
-# the prediction network and joint are left out, and ASRModel.from_nemo logs their names.
-NEMO_MULTITALKER_KEYS = {
-    "preprocessor.featurizer.window": "preprocessor.window",
-    "preprocessor.featurizer.fb": "preprocessor.fb",
-    "encoder.": "encoder.",
-    **NEMO_SPK_KERNEL_KEYS,
-    "decoder.": None,  # RNNT prediction network (embedding + LSTM)
-    "joint.": None,  # RNNT joint network
-}
-NEMO_MULTITALKER_TARGETS = ("EncDecMultiTalkerRNNTBPEModel",)
-
-
-def dropped_keys(table: dict, source: dict) -> list[str]:
-    """Source keys that `table` deliberately leaves out (their longest matching prefix maps to None)."""
-    return [k for k, ours in place(table, source)[1].items() if ours is None]
-
-
-def convert_nemo(path, out_dir, legacy_frontend: bool = False):
-    """`.nemo` -> `out_dir`: a SortFormer diarizer becomes a SortFormer directory, anything else an
-    ASRModel directory (ASRModel.from_nemo refuses what it cannot read). Returns the model."""
-    from .asr import ASRModel
-    from .sortformer import SortFormer
-
-    archive = NemoArchive(path)
-    target = archive.target
-    archive.close()
-    cls = SortFormer if target.endswith(NEMO_SORTFORMER_TARGETS) else ASRModel
-    model = cls.from_nemo(path, legacy_frontend=legacy_frontend)
-    model.save_pretrained(out_dir)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
 # full Speech-LLM training checkpoints (step_N.pt)
-
-# Component prefixes seen in Speech-LLM training checkpoints -> ours. The longest prefix wins, so an
-# ASR model kept whole under `encoder` (encoder.encoder.*, encoder.preprocessor.*) and NeMo SALM's
-# `perception.*` both land in the right place.
-SPEECHLLM_CKPT_KEYS = {
-    "preprocessor.featurizer.": "preprocessor.",
-    "preprocessor.": "preprocessor.",
-    "encoder.": "encoder.",
-    "encoder.preprocessor.featurizer.": "preprocessor.",
-    "encoder.encoder.": "encoder.",
-    "encoder.decoder.": None,  # the ASR model's CTC head: not part of the Speech-LLM
-    "encoder.spk_kernels.": "spk_kernels.",
-    "encoder.bg_spk_kernels.": "bg_spk_kernels.",
-    "spk_kernels.": "spk_kernels.",
-    "bg_spk_kernels.": "bg_spk_kernels.",
-    "perception.preprocessor.featurizer.": "preprocessor.",
-    "perception.encoder.": "encoder.",
-    "perception.modality_adapter.": "projector.modality_adapter.",
-    "perception.proj.": "projector.proj.",
-    "projector.": "projector.",
-    "llm.": "llm.",
-    "llm.base_model.model.": "llm.",  # PEFT-wrapped LLM (LoRA factors are merged first)
-    "embed_tokens.": "llm.model.embed_tokens.",  # SALM keeps the embedding outside the LLM
-    "decoder.": None,
-}
 
 WRAPPERS = ("module", "model", "state_dict", "model_state_dict")  # DeepSpeed, plain, Lightning, ...
 COMPONENTS = ("encoder", "perception", "projector", "llm", "spk_kernels", "bg_spk_kernels", "speaker")
@@ -328,19 +322,13 @@ def load_checkpoint_into(model, path, lora_scaling: float | None = None) -> list
     if model.cfg.llm.tie_word_embeddings:
         ours.pop("llm.lm_head.weight", None)  # tied: the embedding is the head
         expected = {k: v for k, v in expected.items() if k != "llm.lm_head.weight"}
+    check_fit(ours, expected, str(path), strict=False)  # missing or mis-shaped tensors stop it
     unknown = sorted(set(ours) - set(expected))
-    missing = sorted(set(expected) - set(ours))
-    wrong = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in sorted(set(ours) & set(expected)) if ours[k].shape != expected[k].shape]
-    if missing or wrong:
-        problems = ([f"{len(missing)} model tensors not in the checkpoint: {_short(missing)}"] if missing else []) + (
-            [f"{len(wrong)} shape mismatches: {_short(wrong)}"] if wrong else [])
-        raise ConversionError(f"{path}: does not fit the model:\n  " + "\n  ".join(problems))
     model.load_state_dict({k: ours[k] for k in expected}, strict=False, assign=False)
     dropped = [k for k, v in where.items() if v is None]
     return notes + [f"loaded {len(expected)} tensors"] + (
-        [f"not placed (no rule for them): {_short(unplaced + unknown)}"] if unplaced or unknown else []) + (
-        [f"deliberately dropped: {_short(dropped)}"] if dropped else [])
+        [f"not placed (no rule for them): {short(unplaced + unknown)}"] if unplaced or unknown else []) + (
+        [f"deliberately dropped: {short(dropped)}"] if dropped else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,45 +345,27 @@ def inspect(path) -> tuple[list[str], list[tuple[str, tuple, str, str]]]:
         archive = NemoArchive(path)
         target, sd = archive.target, archive.state_dict()
         archive.close()
-        table = (NEMO_SORTFORMER_KEYS if target.endswith(NEMO_SORTFORMER_TARGETS) else
-                 NEMO_MULTITALKER_KEYS if target.endswith(NEMO_MULTITALKER_TARGETS) else
-                 NEMO_CTC_KEYS | NEMO_SPK_KERNEL_KEYS)
+        table = nemo_model(target)[1] or NEMO_CTC_KEYS  # an unknown class: where a CTC model's would go
         return [f"NeMo archive, model class {target}"], _rows(sd, table)
     if path.suffix == ".safetensors":
-        return ["safetensors file (keys as stored)"], _rows(_safetensors_headers([path]), {"": ""})
+        return ["safetensors file (keys as stored)"], _rows(headers(path), {"": ""})
     sd, notes = read_checkpoint(path)
     return ["torch checkpoint (weights_only)"] + notes, _rows(sd, SPEECHLLM_CKPT_KEYS)
 
 
 def _inspect_dir(path: Path):
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     kind = cfg.get("model_type")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors files to inspect")
-    headers = _safetensors_headers(files)
-    if kind in ("qwen2", "qwen3"):
+    found = {name: header for file in files for name, header in headers(file).items()}
+    if kind in ("qwen2", "qwen3", "qwen3_5", "qwen3_5_text"):
         return [f"Hugging Face {kind} directory ({len(files)} file(s)); in a Speech-LLM these sit under llm."], \
-            _rows(headers, {"": "llm."})
+            _rows(found, {"": "llm."})
     if kind == "nemo_speechlm":
-        return ["NeMo SALM directory"], _rows(headers, SPEECHLLM_CKPT_KEYS)
-    return [f"speechllm directory, model_type {kind}"], _rows(headers, {"": ""})
-
-
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _safetensors_headers(files) -> dict:
-    from safetensors import safe_open
-
-    out = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out[name] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
-    return out
+        return ["NeMo SALM directory"], _rows(found, SPEECHLLM_CKPT_KEYS)
+    return [f"speechllm directory, model_type {kind}"], _rows(found, {"": ""})
 
 
 def _rows(sd: dict, table: dict):

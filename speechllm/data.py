@@ -47,14 +47,14 @@ class Utterance:
     extra: dict = field(default_factory=dict)
 
 
-def normalize_label(label, tags=TAGS) -> str:
+def normalize_label(label) -> str:
     tag = label if str(label).startswith("<") else f"<{str(label).upper()}>"
-    if tag not in tags:
-        raise ValueError(f"label {label!r} is not one of {[t.strip('<>') for t in tags]}")
+    if tag not in TAGS:
+        raise ValueError(f"label {label!r} is not one of {[t.strip('<>') for t in TAGS]}")
     return tag
 
 
-def read_manifest(path, require_label: bool = False, tags=TAGS) -> list[Utterance]:
+def read_manifest(path, require_label: bool = False) -> list[Utterance]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest")
@@ -64,7 +64,7 @@ def read_manifest(path, require_label: bool = False, tags=TAGS) -> list[Utteranc
             if not line.strip():
                 continue
             try:
-                items.append(parse_line(line, path.parent, n, require_label, tags))
+                items.append(parse_line(line, path.parent, n, require_label))
             except (ValueError, TypeError, KeyError) as e:
                 raise ManifestError(f"{path}:{n}: {e}") from None
     if not items:
@@ -72,7 +72,7 @@ def read_manifest(path, require_label: bool = False, tags=TAGS) -> list[Utteranc
     return items
 
 
-def parse_line(line: str, root: Path, n: int, require_label: bool, tags) -> Utterance:
+def parse_line(line: str, root: Path, n: int, require_label: bool) -> Utterance:
     try:
         d = json.loads(line)
     except json.JSONDecodeError as e:
@@ -100,7 +100,7 @@ def parse_line(line: str, root: Path, n: int, require_label: bool, tags) -> Utte
         duration=float(duration) if duration is not None else None,
         offset=offset,
         text=d.pop("text", None),
-        label=normalize_label(label, tags) if label is not None else None,
+        label=normalize_label(label) if label is not None else None,
         tt_confidence=float(conf) if conf is not None else None,
         speakers=speakers,
         line=n,

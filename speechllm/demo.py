@@ -15,12 +15,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from .audio import PreprocessorConfig
 from .fastconformer import FastConformerConfig
-from .model import PromptConfig, SpeechLLM, SpeechLLMConfig, from_scratch
+from .model import PromptConfig, SpeechLLM, SpeechLLMConfig
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config
-from .tokenizer import train_tokenizer
+from .speaker import init_weights as init_speaker_kernels
+from .tokenizer import Tokenizer, train_tokenizer
 
 VOCAB = 512  # BPE pieces, before the special tokens
 
@@ -35,6 +38,26 @@ def demo_config(vocab_size: int) -> SpeechLLMConfig:
                         bos_token_id=None, eos_token_id=None, torch_dtype="float32"),
         prompt=PromptConfig(user="<audio>", answer_format="tag_only"),
     )
+
+
+def from_scratch(cfg: SpeechLLMConfig, tokenizer: Tokenizer, seed: int = 0) -> SpeechLLM:
+    """A Speech-LLM with every weight new, as the demo starts. Encoder: PyTorch's default init, as
+    NeMo builds a FastConformer. LLM: N(0, 0.02) for linear and embedding weights, zero biases, unit
+    norms (transformers' initializer_range). Projector and speaker kernels: their own init_weights."""
+    torch.manual_seed(seed)
+    model = SpeechLLM(cfg, tokenizer)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(std=0.02)
+    model.projector.init_weights()
+    if model.spk_kernels is not None:
+        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
+    return model
 
 
 def build_demo(manifest, seed: int = 0) -> SpeechLLM:

@@ -16,11 +16,13 @@ Module attribute names are NeMo's state-dict keys (`pre_encode.conv.0`, `layers.
 H heads.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import build
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,8 @@ class FastConformerConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FastConformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown FastConformerConfig fields: {unknown}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "encoder.") -> "FastConformerConfig":
+        return build(cls, d, where)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -330,12 +328,11 @@ class FastConformer(nn.Module):
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return subsampled_lengths(lengths, self.cfg.subsampling_factor)
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor, layer_hook=None, return_hidden=False):
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor, layer_hook=None):
         """features (B, feat_in, T_mel), lengths (B,) valid mel frames -> (B, T, D_out), (B,) int64.
 
         `layer_hook(i, x, lengths)`, if given, runs on the input of every layer i and returns the new
-        input (the speaker kernels use it). With `return_hidden` a list of (B, T, D) tensors comes
-        back too: the subsampled input after xscaling, then each layer's output."""
+        input (the speaker kernels use it; a hook that returns x unchanged can record it)."""
         lengths = lengths.to(torch.long)
         features = features.to(next(self.parameters()).dtype)  # fp32 features into a bf16 encoder
         if isinstance(self.pre_encode, DwStridingSubsampling):
@@ -353,12 +350,10 @@ class FastConformer(nn.Module):
             att_mask = pad_mask[:, None, :] | pad_mask[:, :, None]  # (B, T, T): query or key is padding
         else:
             pad_mask = None
-        hidden = [x]
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:
                 x = layer_hook(i, x, lengths)
             x = layer(x, pos_emb, att_mask, pad_mask)
-            hidden.append(x)
         if hasattr(self, "out_proj"):
             x = self.out_proj(x)
-        return (x, lengths, hidden) if return_hidden else (x, lengths)
+        return x, lengths

@@ -21,14 +21,6 @@ class Generation(NamedTuple):
     scores: torch.Tensor | None  # (B, N, V) float32 raw next-token logits, if asked for
 
 
-def stop_ids(model: Qwen2ForCausalLM, tokenizer) -> list[int]:
-    """Ids that end a reply: generation_config.json's eos_token_id plus the tokenizer's eos ids
-    (which include <|im_end|>, the end of a chat turn)."""
-    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return sorted(set(eos) | set(tokenizer.eos_ids))
-
-
 def top_p_filter(logits, top_p: float):
     """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one);
     the rest get -inf. transformers' rule: sort ascending, drop tokens whose cumulative

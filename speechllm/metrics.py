@@ -5,10 +5,10 @@ turn the user never gave). Also word error rate for transcripts."""
 from .tokenizer import TAGS
 
 
-def classification_report(labels: list[str], preds: list[str], classes=TAGS) -> dict:
-    """confusion[true][pred] counts; precision/recall/F1 per class (0 where undefined); macro F1
-    is the unweighted mean over `classes`, present in the data or not."""
-    classes = list(classes)
+def classification_report(labels: list[str], preds: list[str]) -> dict:
+    """confusion[true][pred] counts over the tags; precision/recall/F1 per tag (0 where undefined);
+    macro F1 is the unweighted mean over the three tags, present in the data or not."""
+    classes = list(TAGS)
     confusion = {t: {p: 0 for p in classes} for t in classes}
     for t, p in zip(labels, preds, strict=True):
         if t not in confusion or p not in confusion:
@@ -31,13 +31,14 @@ def classification_report(labels: list[str], preds: list[str], classes=TAGS) -> 
         "per_class": per_class,
         "confusion": confusion,
     }
-    complete, incomplete, backchannel = "<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>"
-    if {complete, incomplete, backchannel} <= set(classes):
-        def rate(true):
-            total = sum(confusion[true].values())
-            return confusion[true][complete] / total if total else 0.0
-        report["false_cutoff_rate"] = rate(incomplete)
-        report["backchannel_takeover_rate"] = rate(backchannel)
+    complete, incomplete, backchannel = TAGS
+
+    def rate(true):
+        total = sum(confusion[true].values())
+        return confusion[true][complete] / total if total else 0.0
+
+    report["false_cutoff_rate"] = rate(incomplete)
+    report["backchannel_takeover_rate"] = rate(backchannel)
     return report
 
 

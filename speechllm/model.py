@@ -8,29 +8,29 @@
 The prompt is Qwen's chat format: a user turn holding <audio> and an instruction, then the
 assistant answers "transcript <TAG>" (or just "<TAG>" with answer_format "tag_only"), closed by
 <|im_end|>. The product is the tag's probabilities: a softmax over the three tag logits at the
-position where the tag is written.
+position where the tag is written. The tag set is tokenizer.TAGS, fixed.
 
 Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
 """
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from .asr import ASRModel
 from .audio import LogMelFrontend, PreprocessorConfig
-from .convert import remap
+from .config import build, refuse_unknown
 from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
 from .projector import ProjectorConfig, build_projector
-from .qwen2 import Qwen2Config, Qwen2ForCausalLM
+from .qwen2 import Qwen2Config, Qwen2ForCausalLM, init_token_rows
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
-from .tokenizer import TAGS, Tokenizer, format_chat
+from .tokenizer import TAGS, Tokenizer, fit_embeddings
+from .weights import read_json, read_state, require, save_dir
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -41,14 +41,20 @@ class PromptConfig:
     system: str | None = None  # no system turn by default (NeMo's qwen formatter has none either)
     audio_token: str = "<audio>"
     answer_format: str = "transcript_tag"  # or "tag_only"
-    tags: tuple = TAGS
 
     def __post_init__(self):
         if self.answer_format not in ("transcript_tag", "tag_only"):
             raise ValueError(f"prompt answer_format {self.answer_format!r} is not 'transcript_tag' or 'tag_only'")
         if self.user.count(self.audio_token) != 1:
             raise ValueError(f"the prompt's user turn must hold exactly one {self.audio_token}: {self.user!r}")
-        object.__setattr__(self, "tags", tuple(self.tags))  # JSON gives a list back
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "prompt.") -> "PromptConfig":
+        d = dict(d)
+        tags = d.pop("tags", TAGS)  # config.json files written before the tag set was fixed list it
+        if tuple(tags) != TAGS:
+            raise ValueError(f"{where}tags {list(tags)}: the tag set is fixed, {list(TAGS)}")
+        return build(cls, d, where)
 
 
 @dataclass(frozen=True)
@@ -74,13 +80,14 @@ class SpeechLLMConfig:
     def from_dict(cls, d: dict) -> "SpeechLLMConfig":
         if d.get("model_type") != "speechllm":
             raise ValueError(f"not a Speech-LLM config: model_type={d.get('model_type')!r}")
-        known = {f.name for f in fields(PromptConfig)}
+        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "projector", "llm", "prompt", "tag_loss_weight",
+                           "speaker_kernels"))
         return cls(
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),
             projector=ProjectorConfig.from_dict(d["projector"]),
             llm=Qwen2Config.from_hf(d["llm"]),
-            prompt=PromptConfig(**{k: v for k, v in d.get("prompt", {}).items() if k in known}),
+            prompt=PromptConfig.from_dict(d.get("prompt", {})),
             tag_loss_weight=d.get("tag_loss_weight", 5.0),
             speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if d.get("speaker_kernels") else None,
         )
@@ -100,7 +107,7 @@ class SpeechLLM(nn.Module):
         self.tokenizer = tokenizer
         self.encoder_tokenizer = encoder_tokenizer  # the encoder's SentencePiece model, kept with it
         self.audio_id = tokenizer.token_to_id(cfg.prompt.audio_token)
-        self.tag_ids = [tokenizer.token_to_id(t) for t in cfg.prompt.tags]
+        self.tag_ids = [tokenizer.token_to_id(t) for t in TAGS]
         if max(self.tag_ids + [self.audio_id]) >= cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer's special tokens need {max(self.tag_ids) + 1} embedding rows; "
                              f"the LLM has {cfg.llm.vocab_size} (use tokenizer.fit_embeddings)")
@@ -123,33 +130,31 @@ class SpeechLLM(nn.Module):
         """The prompt up to the open assistant turn; it holds one <audio> id."""
         p = self.cfg.prompt
         turns = ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.user}]
-        return self.tokenizer.encode(format_chat(turns, add_generation_prompt=True))
+        return self.tokenizer.encode_chat(turns, add_generation_prompt=True)
 
     def answer_ids(self, transcript: str | None, tag: str | None) -> tuple[list[int], int | None]:
         """Ids of the assistant's answer, closed by <|im_end|>, and the index of the tag in it.
         Stage 1 (ASR) passes tag None; tag_only ignores the transcript."""
-        if tag is not None and tag not in self.cfg.prompt.tags:
-            raise ValueError(f"unknown tag {tag!r}; expected one of {self.cfg.prompt.tags}")
+        if tag is not None and tag not in TAGS:
+            raise ValueError(f"unknown tag {tag!r}; expected one of {TAGS}")
         text = [] if self.cfg.prompt.answer_format == "tag_only" or not transcript else self.tokenizer.encode(transcript.strip() + " ")
         if tag is None:
             return (self.tokenizer.encode(transcript.strip()) if transcript else []) + [self.tokenizer.im_end_id], None
         return text + [self.tokenizer.token_to_id(tag), self.tokenizer.im_end_id], len(text)
 
-    def answer_weights(self, answer: list[int], tag_at: int | None) -> list[float]:
-        """Loss weight of each answer token: tag_loss_weight for the tag, 1 for the others."""
-        w = [1.0] * len(answer)
-        if tag_at is not None:
-            w[tag_at] = self.cfg.tag_loss_weight
-        return w
-
-    def splice(self, audio_embeds, audio_lens, rows: list[list[int]], labels: list[list[int]] | None = None):
+    def splice(self, audio_embeds, audio_lens, rows: list[list[int]], labels: list[list[int]] | None = None,
+               weights: list[list[float]] | None = None):
         """Replace the <audio> id of each row by that row's valid audio frames; left-pad the batch.
 
         rows: token ids per item, each with exactly one <audio>. labels: per-row targets aligned with
-        rows (IGNORE where no loss), or None. Returns inputs_embeds (B, L, D), attention_mask (B, L)
-        bool, position_ids (B, L), and labels (B, L) if given; audio positions are never labelled."""
+        rows (IGNORE where no loss), or None; weights: their loss weights, aligned the same way
+        (default 1 per label). Returns inputs_embeds (B, L, D), attention_mask (B, L) bool,
+        position_ids (B, L), and with labels, labels (B, L) and weights (B, L) float32. Audio
+        positions and padding carry label IGNORE and weight 0."""
         embed = self.llm.model.embed_tokens
-        seqs, labs = [], []
+        if labels is not None and weights is None:
+            weights = [[0.0 if t == IGNORE else 1.0 for t in row] for row in labels]
+        seqs, labs, wts = [], [], []
         for i, ids in enumerate(rows):
             where = [j for j, t in enumerate(ids) if t == self.audio_id]
             if len(where) != 1:
@@ -159,19 +164,22 @@ class SpeechLLM(nn.Module):
             seqs.append(torch.cat([text[:j], audio_embeds[i, :n].to(text.dtype), text[j + 1:]]))
             if labels is not None:
                 labs.append(labels[i][:j] + [IGNORE] * n + labels[i][j + 1:])
+                wts.append(weights[i][:j] + [0.0] * n + weights[i][j + 1:])
         width = max(len(s) for s in seqs)
         B, D = len(seqs), seqs[0].shape[-1]
         inputs = seqs[0].new_zeros(B, width, D)
         mask = torch.zeros(B, width, dtype=torch.bool, device=inputs.device)
         target = torch.full((B, width), IGNORE, dtype=torch.long, device=inputs.device)
+        weight = torch.zeros(B, width, device=inputs.device)
         for i, s in enumerate(seqs):
             inputs[i, width - len(s):] = s
             mask[i, width - len(s):] = True
             if labels is not None:
                 target[i, width - len(s):] = torch.tensor(labs[i], device=inputs.device)
+                weight[i, width - len(s):] = torch.tensor(wts[i], device=inputs.device)
         # Positions count real tokens only, as transformers' generate does for left padding.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return (inputs, mask, position_ids) + ((target,) if labels is not None else ())
+        return (inputs, mask, position_ids) + ((target, weight) if labels is not None else ())
 
     # -- training --------------------------------------------------------------------------------
 
@@ -181,31 +189,34 @@ class SpeechLLM(nn.Module):
         the prompt and audio positions carry none. The tag token weighs `tag_loss_weight`, every other
         answer token 1, and the loss is sum(w * ce) / sum(w) over the batch: a weighted token mean, so
         long transcripts count more than short ones, as in NeMo SALM's token-level mean.
-        Returns (loss, stats) with the plain token loss and the tag loss for logging."""
+        Returns (loss, stats): the plain token loss and the tag loss for logging, and `weight`,
+        sum(w), which makes this batch's share of a larger batch's token mean (train.py)."""
         audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
         prompt = self.prompt_ids()
         rows, labels, weights = [], [], []
         for transcript, tag in zip(transcripts, tags):
             answer, tag_at = self.answer_ids(transcript, tag)
+            w = [1.0] * len(answer)
+            if tag_at is not None:
+                w[tag_at] = self.cfg.tag_loss_weight
             rows.append(prompt + answer)
             labels.append([IGNORE] * len(prompt) + answer)
-            weights.append(self.answer_weights(answer, tag_at))
-        inputs, mask, pos, target = self.splice(audio_embeds, audio_lens, rows, labels)
+            weights.append([0.0] * len(prompt) + w)
+        inputs, mask, pos, target, weight = self.splice(audio_embeds, audio_lens, rows, labels, weights)
         h = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, return_hidden=True)  # (B, L, D)
         # The token at t is predicted from position t - 1. The head (D x V, V = 152k) runs only on
         # the few answer positions, not on the whole sequence.
-        target = target[:, 1:]
+        target, weight = target[:, 1:], weight[:, 1:]
         sel = target != IGNORE
         # float32 at least (bf16 logits would round the loss); float64 stays float64 for exactness tests
         logits = self.llm.lm_head(h[:, :-1][sel])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (n_answer, V)
         ce = F.cross_entropy(logits, target[sel], reduction="none")
-        w = torch.tensor([x for row in weights for x in row], device=ce.device)
-        # Answers sit at the end of each left-padded row, so the row-major order of `sel` is the
-        # order in which `weights` lists them.
+        w = weight[sel]  # each label's own weight, spliced with it
         is_tag = torch.isin(target[sel], torch.tensor(self.tag_ids, device=ce.device))
         loss = (ce * w).sum() / w.sum()
-        stats = {"token_loss": ce.mean().detach(), "tag_loss": ce[is_tag].mean().detach() if is_tag.any() else None}
+        stats = {"token_loss": ce.mean().detach(), "tag_loss": ce[is_tag].mean().detach() if is_tag.any() else None,
+                 "weight": w.sum().detach()}
         return loss, stats
 
     # -- inference -------------------------------------------------------------------------------
@@ -237,120 +248,96 @@ class SpeechLLM(nn.Module):
             probs = torch.softmax(tag_logits, -1)
             out.append({
                 "transcript": self.tokenizer.decode(ids[:at], skip_special_tokens=True).strip(),
-                "tag": self.cfg.prompt.tags[int(probs.argmax())],
-                "probs": dict(zip(self.cfg.prompt.tags, probs.tolist())),
+                "tag": TAGS[int(probs.argmax())],
+                "probs": dict(zip(TAGS, probs.tolist())),
                 "tag_mass": float(torch.softmax(scores, -1)[self.tag_ids].sum()),
                 "tag_forced": forced,
                 "timings": {"audio_s": round(t1 - t0, 4), "llm_s": round(t2 - t1, 4)},
             })
         return out
 
+    # -- new parts -------------------------------------------------------------------------------
+
+    def new_speaker_kernels(self, cfg: SpeakerKernelConfig, seed: int = 0) -> None:
+        """Freshly initialised speaker kernels (speaker.init_weights: they add exactly 0 at first),
+        in place of any the model has. Seeded on their own, so the draw does not depend on what
+        else is new."""
+        torch.manual_seed(seed)
+        self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg, self.cfg.encoder.d_model, self.cfg.encoder.n_layers)
+        init_speaker_kernels(self.spk_kernels, self.bg_spk_kernels)
+        self.cfg = replace(self.cfg, speaker=cfg)
+
+    def new_projector(self, cfg: ProjectorConfig, seed: int = 0) -> None:
+        """A freshly initialised projector (its init_weights), seeded on its own."""
+        torch.manual_seed(seed)
+        self.projector = build_projector(cfg)
+        self.projector.init_weights()
+        self.cfg = replace(self.cfg, projector=cfg)
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def save_pretrained(self, path) -> None:
         """config.json, model.safetensors (the tied LM head stored once), tokenizer.json (+ config),
         and the encoder's SentencePiece model as encoder_tokenizer.model."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = self.state_dict()
         if self.cfg.llm.tie_word_embeddings:
-            del state["llm.lm_head.weight"]
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        save_file(state, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
-        (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+            del state["llm.lm_head.weight"]  # safetensors refuses tensors that share memory
         self.tokenizer.save_pretrained(path)
-        if self.encoder_tokenizer is not None:
-            (path / "encoder_tokenizer.model").write_bytes(self.encoder_tokenizer)
+        spm = {"encoder_tokenizer.model": self.encoder_tokenizer} if self.encoder_tokenizer is not None else {}
+        save_dir(path, self.cfg.to_dict(), state, spm)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "SpeechLLM":
         """Load a directory written by save_pretrained. dtype None keeps the stored dtype; the
         log-mel frontend always stays float32."""
         path = Path(path)
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path}: not a Speech-LLM checkpoint directory ({name} is missing)")
-        cfg = SpeechLLMConfig.from_dict(json.loads((path / "config.json").read_text()))
-        tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *cfg.prompt.tags))
+        require(path, ("config.json", "model.safetensors", "tokenizer.json"), "a Speech-LLM checkpoint directory")
+        cfg = SpeechLLMConfig.from_dict(read_json(path / "config.json"))
+        tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *TAGS))
         spm = path / "encoder_tokenizer.model"
         with torch.device("meta"):
             model = cls(cfg, tok, spm.read_bytes() if spm.is_file() else None)
-        state = load_file(path / "model.safetensors")
-        if cfg.llm.tie_word_embeddings:
+        expected = model.state_dict()
+        tied = cfg.llm.tie_word_embeddings
+        if tied:  # the file holds the embedding once (a head stored anyway is ignored)
+            del expected["llm.lm_head.weight"]
+        state = read_state(path, expected, ignore=("llm.lm_head.weight",) if tied else ())
+        if tied:
             state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
-        state = remap({"": ""}, state, model.state_dict(), str(path / "model.safetensors"))  # lists any misfit
         model.load_state_dict(state, strict=True, assign=True)
-        if cfg.llm.tie_word_embeddings:
+        if tied:
             model.llm.tie_weights()  # assign=True gave the head its own Parameter object
         if dtype is not None:
-            model.to(dtype)
+            model.to(dtype)  # the frontend stays float32 (LogMelFrontend._apply)
         model.preprocessor.float()  # also when the file stored the frontend's buffers in bf16
         return model.eval()
 
-    def to(self, *args, **kwargs):
-        super().to(*args, **kwargs)
-        self.preprocessor.float()  # the frontend's window and filterbank stay float32, as NeMo's
-        return self
 
-
-def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | None = None, prompt: PromptConfig | None = None,
+def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = None, prompt: PromptConfig | None = None,
              speaker: SpeakerKernelConfig | None = None, seed: int = 0) -> SpeechLLM:
     """A fresh Speech-LLM, the Stage-1 starting point: the preprocessor and encoder of a NeMo
     FastConformer archive, a Hugging Face Qwen2 directory, a new projector, and the <audio> and tag
-    tokens. Pretrained weights are kept as they are; only new parameters are initialised."""
-    from .asr import ASRModel
-    from .tokenizer import fit_embeddings
+    tokens. Pretrained weights are kept as they are; only new parameters are initialised.
 
+    projector: its config, or fields over the default (conv_transformer at the encoder's and the
+    LLM's widths). speaker: new speaker kernels, unless the archive's own (trained) ones have this
+    config; None keeps the archive's, if any."""
     asr = ASRModel.from_nemo(encoder_nemo)
     llm = Qwen2ForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     prompt = prompt or PromptConfig()
-    tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *prompt.tags))
+    tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *TAGS))
     fit_embeddings(llm, tok)
-    d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
-    projector = projector or ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
-    speaker = speaker or asr.cfg.speaker  # an archive's own kernels come along, trained
-    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=speaker)
+    if not isinstance(projector, ProjectorConfig):
+        d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
+        fitted = ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
+        projector = ProjectorConfig.from_dict({**fitted.to_dict(), **(projector or {})})
+    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=asr.cfg.speaker)
     with torch.device("meta"):
         model = SpeechLLM(cfg, tok, asr.tokenizer_model)
     model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
-    torch.manual_seed(seed)
-    if speaker is not None and asr.cfg.speaker == speaker:
-        model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
-    elif speaker is not None:
-        model.spk_kernels, model.bg_spk_kernels = build_kernels(speaker, asr.cfg.encoder.d_model, asr.cfg.encoder.n_layers)
-        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
-    model.projector = build_projector(projector)
-    model.projector.init_weights()
-    init_new_token_rows(llm, [model.audio_id, *model.tag_ids])
+    model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
+    if speaker is not None and speaker != asr.cfg.speaker:
+        model.new_speaker_kernels(speaker, seed)
+    model.new_projector(projector, seed)
+    init_token_rows(llm, [model.audio_id, *model.tag_ids])
     return model.eval()
-
-
-@torch.no_grad()
-def init_new_token_rows(llm: Qwen2ForCausalLM, ids: list[int]) -> None:
-    """Rows of tokens the LLM never saw (ours sit on Qwen's spare, untrained rows) start at the mean
-    of the rows before them: an 'average token' as input, a logit near the average as output."""
-    first = min(ids)
-    heads = [llm.model.embed_tokens.weight] + ([] if llm.config.tie_word_embeddings else [llm.lm_head.weight])
-    for w in heads:
-        w[ids] = w[:first].float().mean(0).to(w.dtype)
-
-
-def from_scratch(cfg: SpeechLLMConfig, tokenizer: Tokenizer, seed: int = 0) -> SpeechLLM:
-    """A Speech-LLM with every weight new (small models such as the synthetic-speech demo).
-    Encoder: PyTorch's default init, as NeMo builds a FastConformer. LLM: N(0, 0.02) for linear and
-    embedding weights, zero biases, unit norms (transformers' initializer_range). Projector and
-    speaker kernels: their own init_weights."""
-    torch.manual_seed(seed)
-    model = SpeechLLM(cfg, tokenizer)
-    with torch.no_grad():
-        for name, p in model.llm.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(std=0.02)
-    model.projector.init_weights()
-    if model.spk_kernels is not None:
-        init_speaker_kernels(model.spk_kernels, model.bg_spk_kernels)
-    return model

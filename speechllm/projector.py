@@ -12,12 +12,13 @@ Three kinds, chosen by `ProjectorConfig.kind`:
 Every kind maps (x, lengths) -> (y, new_lengths) and never lets padded frames reach valid ones.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import build
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
 from .qwen2 import RMSNorm, apply_rope, rope_cos_sin
 
@@ -50,10 +51,7 @@ class ProjectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProjectorConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown projector config keys: {sorted(unknown)}")
-        return cls(**d)
+        return build(cls, d, "projector.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +141,7 @@ class SALMProjector(nn.Module):
     def __init__(self, cfg: ProjectorConfig):
         super().__init__()
         self.cfg = cfg
-        self.modality_adapter = FastConformer(FastConformerConfig.from_dict(cfg.adapter))
+        self.modality_adapter = FastConformer(FastConformerConfig.from_dict(cfg.adapter, "projector.adapter."))
         self.proj = nn.Linear(self.modality_adapter.cfg.out_dim, cfg.out_dim)
 
     def forward(self, x, lengths):

@@ -24,15 +24,14 @@ Dimension letters: B batch, L new tokens, S keys (cached + new), D hidden, H que
 K key/value heads, hd head_dim, V vocab.
 """
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from .weights import read_json, read_state, save_dir
 
 
 # model_type -> the architecture name config.json carries for it.
@@ -378,20 +377,15 @@ class Qwen2ForCausalLM(nn.Module):
         return (logits, tuple(hidden_states)) if output_hidden_states else logits
 
     def grow_vocab(self, n: int):
-        """Make sure the embedding (and head) have at least n rows; never shrinks.
-
-        New rows start at the mean of the existing rows (computed in float32): a new token's
-        input is an 'average' token and its logit starts near the average logit. transformers
-        instead samples around that mean with the rows' covariance; the mean is deterministic.
-        Build optimizers after calling this: the parameters are replaced."""
+        """Make sure the embedding (and head) have at least n rows; never shrinks. The new rows
+        start as init_token_rows says. Build optimizers after calling this: the parameters are
+        replaced."""
         old = self.config.vocab_size
         if n <= old:
             return
 
         def grown(w):  # (old, D) -> (n, D)
-            mean = w.detach().float().mean(0, keepdim=True).to(w.dtype)
-            return nn.Parameter(torch.cat([w.detach(), mean.expand(n - old, -1)]),
-                                requires_grad=w.requires_grad)
+            return nn.Parameter(torch.cat([w.detach(), w.new_zeros(n - old, w.shape[1])]), requires_grad=w.requires_grad)
 
         embed = self.model.embed_tokens
         embed.weight, embed.num_embeddings = grown(embed.weight), n
@@ -401,6 +395,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = grown(self.lm_head.weight)
         self.lm_head.out_features = n
         self.config = replace(self.config, vocab_size=n)
+        init_token_rows(self, list(range(old, n)))
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu"):
@@ -410,58 +405,54 @@ class Qwen2ForCausalLM(nn.Module):
         (keep the stored dtype) they stay mapped and are paged in on use; a conversion makes one
         new copy."""
         path = Path(path)
-        cfg = _read_config(path)
         try:
-            config = Qwen2Config.from_hf(cfg)
+            config = Qwen2Config.from_hf(_read_config(path))
         except ValueError as e:
             raise ValueError(f"{path / 'config.json'}: {e}") from None
-        files = _weight_files(path)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        expected = model.state_dict()
         if config.tie_word_embeddings:
             del expected["lm_head.weight"]
-        found = {}  # name -> shape, read from the headers before any tensor is loaded
-        for file, names in files.items():
-            with safe_open(file, framework="pt") as f:
-                found.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
-        _check_tensors(path, found, expected, config.model_type)
-
-        state = {}
-        for file, names in files.items():
-            with safe_open(file, framework="pt", device=str(torch.device(device))) as f:
-                for name in names:
-                    if name in expected:
-                        t = f.get_tensor(name)
-                        state[name] = t.to(dtype) if dtype is not None else t
+        # Old checkpoints may carry the non-persistent RoPE buffer; a tied checkpoint may still carry
+        # lm_head.weight: transformers ties (ignores it) in both cases, and so do we.
+        state = read_state(path, expected, dtype, device, ignore=("rotary_emb.inv_freq", "lm_head.weight"),
+                           what=f"{path} ({config.model_type})")
         if config.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_word_embeddings:
             model.tie_weights()  # assign=True wraps each key in its own Parameter: re-share
         if (path / "generation_config.json").is_file():
-            model.generation_config = json.loads((path / "generation_config.json").read_text())
+            model.generation_config = read_json(path / "generation_config.json")
         return model.eval()
 
     def save_pretrained(self, path):
         """Write config.json (4.x dialect) and model.safetensors that transformers can load; a tied
-        head is left out of the file, as transformers does."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        head is left out of the file, as transformers does. Each file is written beside and renamed
+        (weights.save_dir): a model loaded from this directory may still be memory-mapping the old
+        file, which must not be truncated under it."""
+        state = self.state_dict()
         if self.config.tie_word_embeddings:
             del state["lm_head.weight"]  # safetensors refuses tensors that share memory
         dtype = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
         config = replace(self.config, torch_dtype=dtype).to_hf()
-        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # Write beside and rename: a model loaded from this directory may still be memory-mapping
-        # the old file, which must not be truncated under it.
-        save_file(state, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-        (path / "model.safetensors.index.json").unlink(missing_ok=True)  # would take precedence
-        if self.generation_config:
-            (path / "generation_config.json").write_text(
-                json.dumps(self.generation_config, indent=2) + "\n")
+        gen = {"generation_config.json": (json.dumps(self.generation_config, indent=2) + "\n").encode()} \
+            if self.generation_config else {}
+        save_dir(path, config, state, gen)
+
+
+@torch.no_grad()
+def init_token_rows(llm: Qwen2ForCausalLM, ids: list[int]) -> None:
+    """The one rule for rows of tokens the LLM never saw (new rows, or ours on Qwen's spare,
+    untrained rows): the embedding row (and an untied head's) starts at the mean of the rows before
+    the first of them, computed in float32: an 'average token' as input, a logit near the average
+    as output. transformers instead samples around that mean with the rows' covariance; the mean is
+    deterministic."""
+    first = min(ids)
+    heads = [llm.model.embed_tokens.weight] + ([] if llm.config.tie_word_embeddings else [llm.lm_head.weight])
+    for w in heads:
+        w[ids] = w[:first].float().mean(0).to(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,50 +464,9 @@ def _read_config(path: Path, supported: tuple[str, ...] | None = None) -> dict:
     Qwen3 check theirs against model_type in Qwen2Config.from_hf)."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'}: not valid JSON: {e}") from None
+    cfg = read_json(path / "config.json")
     archs = cfg.get("architectures")
     if supported is not None and archs and not set(archs) & set(supported):
         raise ValueError(f"{path / 'config.json'}: architectures {archs} are not supported "
                          f"(only {' / '.join(supported)})")
     return cfg
-
-
-def _weight_files(path: Path) -> dict[Path, list[str]]:
-    """safetensors file -> tensor names it holds, from the index of a sharded checkpoint or the
-    single model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = {}
-        for name, file in json.loads(index.read_text())["weight_map"].items():
-            files.setdefault(path / file, []).append(name)
-        absent = sorted(str(f.name) for f in files if not f.is_file())
-        if absent:
-            raise FileNotFoundError(f"{index} lists shards that do not exist: {absent}")
-        return files
-    single = path / "model.safetensors"
-    if not single.is_file():
-        present = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                f"(only safetensors weights are read); found {present}")
-    with safe_open(single, framework="pt") as f:
-        return {single: list(f.keys())}
-
-
-def _check_tensors(path: Path, found: dict, expected: dict, model_type: str):
-    """Raise one ValueError listing every missing, unexpected and wrongly shaped tensor."""
-    # Old checkpoints may carry the non-persistent RoPE buffer; a tied checkpoint may still carry
-    # lm_head.weight: transformers ties (ignores it) in both cases, and so do we.
-    ignored = {n for n in found if n.endswith("rotary_emb.inv_freq") or n == "lm_head.weight"}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - ignored)
-    mismatched = sorted(f"{n}: file {found[n]} vs model {expected[n]}"
-                        for n in set(found) & set(expected) if found[n] != expected[n])
-    problems = [f"{len(items)} {what}: {items}" for what, items in
-                [("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)]
-                if items]
-    if problems:
-        raise ValueError(f"{path}: weights do not match the {model_type} config: "
-                         + "; ".join(problems))

@@ -31,19 +31,18 @@ Numerical quirks kept on purpose (transformers' modeling_qwen3_5.py):
 Dimension letters: B batch, L new tokens, D hidden, H query heads, K kv heads, hd head_dim,
 Hk/Hv DeltaNet key/value heads, Dk/Dv their dims, C conv channels, V vocab.
 """
-import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from .convert import place
-from .qwen2 import (KVCache, Qwen2ForCausalLM, Qwen2MLP, _check_tensors, _read_config,
-                    _weight_files, apply_rope, attention_mask_4d, rope_cos_sin)
+from .qwen2 import (KVCache, Qwen2ForCausalLM, Qwen2MLP, _read_config, apply_rope, attention_mask_4d,
+                    rope_cos_sin)
+from .weights import check_fit, headers, open_safetensors, read_json, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +484,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         path = Path(path)
         config = Qwen3_5Config.from_hf(_read_config(
             path, supported=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")))
-        files = _weight_files(path)
+        files = weight_files(path)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -493,8 +492,8 @@ class Qwen3_5ForCausalLM(nn.Module):
             del expected["lm_head.weight"]
         found = {}  # file key -> shape, from the headers
         for file, names in files.items():
-            with safe_open(file, framework="pt") as f:
-                found.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
+            shapes = headers(file)
+            found.update({n: shapes[n][0] for n in names})
         _, ours, _ = place(QWEN3_5_KEYS, found)  # file key -> our key (None: skipped)
         skipped = sorted(n for n, k in ours.items() if k is None)
         if skipped:
@@ -502,12 +501,12 @@ class Qwen3_5ForCausalLM(nn.Module):
                      len(skipped), ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
         # Check in the file's own names, so an error names what is in the file.
         file_key = {k: n for n, k in ours.items() if k is not None}
-        _check_tensors(path, {n: s for n, s in found.items() if n not in skipped},
-                       {file_key.get(k, k): s for k, s in expected.items()}, "Qwen3.5")
+        check_fit({n: s for n, s in found.items() if n not in skipped},
+                  {file_key.get(k, k): s for k, s in expected.items()}, f"{path} (Qwen3.5)")
 
         state = {}
         for file, names in files.items():
-            with safe_open(file, framework="pt", device=str(torch.device(device))) as f:
+            with open_safetensors(file, device) as f:
                 for name in names:
                     if ours.get(name) in expected:
                         t = f.get_tensor(name)
@@ -518,5 +517,5 @@ class Qwen3_5ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             model.tie_weights()  # assign=True wraps each key in its own Parameter: re-share
         if (path / "generation_config.json").is_file():
-            model.generation_config = json.loads((path / "generation_config.json").read_text())
+            model.generation_config = read_json(path / "generation_config.json")
         return model.eval()

@@ -5,14 +5,11 @@
     SALM_DIR/llm_backbone/config.json   the Qwen2 config
     SALM_DIR/tokenizer.json          the LLM tokenizer with the audio tag added
 
-`load_salm` maps this into our SpeechLLM with the "salm" projector; the functions below it run it
-the way SALM does, and match NeMo 3.0.0 + transformers 5.23 to float32 rounding (tests/test_salm.py):
+`load_salm` maps this into our SpeechLLM with the "salm" projector. Run the way SALM runs it
+(tests/test_salm.py: its prompts, splicing, SALM.forward and SALM.generate), the result matches
+NeMo 3.0.0 + transformers 5.23 to float32 rounding.
 
-    prompt ids (B, L_tok), one audio tag each, left-padded --prepare_inputs--> (B, L, D), mask (B, L)
-    --logits--> (B, L, V)          SALM.forward
-    --greedy_generate--> (B, n)    SALM.generate: greedy, KV cache, stops at the tokenizer's eos
-
-Quirks carried over from SALM:
+Quirks of SALM (the ones the import and the tests carry over):
 - The LLM's input embedding lives outside the LLM (`embed_tokens.weight`); the tied head is not in
   the file, only an alias to it in the safetensors metadata, which we follow.
 - The audio tag (e.g. <|audio|>, <|audioplaceholder|>) is a special token appended to the
@@ -20,8 +17,7 @@ Quirks carried over from SALM:
 - Prompts are the "qwen" formatter: user turns and the assistant prefix in ChatML, no system turn,
   no BOS/EOS; each tag stands for one whole clip, replaced by its valid audio frames.
 - SALM.forward passes no position ids, so HF counts 0..L-1 across the left padding. RoPE only sees
-  differences of positions, so valid rows agree with splice's cumsum positions to float rounding;
-  `logits` does as SALM does by default.
+  differences of positions, so valid rows agree with splice's cumsum positions to float rounding.
 - Splicing strips leading pad ids; NeMo also masks any later pad id inside a prompt, which a
   well-formed qwen prompt never holds, and we do not copy that. One tag per row here (SALM allows
   several, consumed in order).
@@ -29,42 +25,28 @@ Quirks carried over from SALM:
 SALM has no turn-taking tags, but our PromptConfig and SpeechLLM need them: they are added as
 special tokens after the audio tag, on spare embedding rows (404.. in the fixture, 151666.. for
 Qwen2.5), and those rows keep whatever the checkpoint holds there, untrained. Fine-tuning for
-turn-taking should start them from the mean row (model.init_new_token_rows) first.
+turn-taking should start them from the mean row (qwen2.init_token_rows) first.
 """
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .audio import PreprocessorConfig
-from .convert import ConversionError, remap
+from .convert import SALM_KEYS, ConversionError, remap
 from .fastconformer import FastConformerConfig
-from .generate import Generation, generate
 from .model import PromptConfig, SpeechLLM, SpeechLLMConfig
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config
-from .tokenizer import TAGS, Tokenizer, format_chat
-
-# SALM key prefix -> ours. The tied head comes from the file's alias metadata (see load_state).
-SALM_KEYS = {
-    "embed_tokens.": "llm.model.embed_tokens.",
-    "llm.model.": "llm.model.",
-    "llm.lm_head.": "llm.lm_head.",
-    "perception.preprocessor.featurizer.": "preprocessor.",
-    "perception.encoder.": "encoder.",
-    "perception.modality_adapter.": "projector.modality_adapter.",
-    "perception.proj.": "projector.proj.",
-}
+from .tokenizer import TAGS, Tokenizer
+from .weights import open_safetensors, read_json, require
 
 PROMPT_FORMATS = ("qwen",)  # NeMo PromptFormatter names we reproduce
 
 
 def read_config(path: Path) -> dict:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "llm_backbone/config.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not a SALM checkpoint directory ({name} is missing)")
-    cfg = json.loads((path / "config.json").read_text())
+    require(path, ("config.json", "model.safetensors", "tokenizer.json", "llm_backbone/config.json"),
+            "a SALM checkpoint directory")
+    cfg = read_json(path / "config.json")
     if cfg.get("prompt_format") not in PROMPT_FORMATS:
         raise ConversionError(f"{path}: prompt_format {cfg.get('prompt_format')!r} is not supported "
                               f"(only {', '.join(PROMPT_FORMATS)})")
@@ -86,7 +68,7 @@ def salm_config(cfg: dict, llm: Qwen2Config, user_prompt: str) -> SpeechLLMConfi
     adapter = FastConformerConfig.from_nemo(p["modality_adapter"])
     projector = ProjectorConfig(kind="salm", in_dim=encoder.out_dim, out_dim=p.get("output_dim", llm.hidden_size),
                                 adapter=adapter.to_dict())
-    prompt = PromptConfig(user=user_prompt, audio_token=cfg["audio_locator_tag"], tags=TAGS)
+    prompt = PromptConfig(user=user_prompt, audio_token=cfg["audio_locator_tag"])
     return SpeechLLMConfig(PreprocessorConfig.from_nemo(p["preprocessor"]), encoder, projector, llm, prompt)
 
 
@@ -94,7 +76,7 @@ def load_state(path: Path) -> dict:
     """model.safetensors -> {key: tensor}, with tensors that safetensors dropped as duplicates
     (metadata {alias: key}, e.g. llm.lm_head.weight -> embed_tokens.weight) put back."""
     state = {}
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         for key in f.keys():
             state[key] = f.get_tensor(key)
         for alias, key in (f.metadata() or {}).items():
@@ -112,7 +94,7 @@ def load_salm(path, user_prompt: str | None = None) -> SpeechLLM:
     path = Path(path)
     cfg = read_config(path)
     tag = cfg["audio_locator_tag"]
-    llm = Qwen2Config.from_hf(json.loads((path / "llm_backbone" / "config.json").read_text()))
+    llm = Qwen2Config.from_hf(read_json(path / "llm_backbone" / "config.json"))
     config = salm_config(cfg, llm, user_prompt or f"Transcribe the following: {tag}")
     tokenizer = Tokenizer.from_pretrained(path, extra_special_tokens=(tag, *TAGS))
     with torch.device("meta"):
@@ -122,48 +104,3 @@ def load_salm(path, user_prompt: str | None = None) -> SpeechLLM:
     if llm.tie_word_embeddings:
         model.llm.tie_weights()  # assign=True gave the head its own Parameter
     return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# running it as SALM does
-
-
-def encode_prompt(model: SpeechLLM, text: str) -> list[int]:
-    """One user turn in the qwen format, ending with the assistant prefix, as ids."""
-    return model.tokenizer.encode(format_chat([{"role": "user", "content": text}], add_generation_prompt=True))
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Token rows -> (B, L_tok) left-padded with pad_id (NeMo's left_collate_vectors)."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-
-
-def prepare_inputs(model: SpeechLLM, prompt_ids: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor):
-    """prompt_ids (B, L_tok) left-padded with the pad id, one audio tag per row; audio (B, N), lengths (B,)
-    -> inputs_embeds (B, L, D) left-padded with zeros, attention_mask (B, L) bool."""
-    audio_embeds, audio_lens = model.embed_audio(audio, lengths)  # (B, T', D)
-    pad = model.tokenizer.pad_id
-    rows = []
-    for ids in prompt_ids.tolist():
-        lead = next((i for i, t in enumerate(ids) if t != pad), len(ids))
-        rows.append(ids[lead:])  # SALM strips the leading pads only
-    inputs, mask, _ = model.splice(audio_embeds, audio_lens, rows)
-    return inputs, mask
-
-
-def logits(model: SpeechLLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids=None):
-    """SALM.forward: logits (B, L, V) at every position. position_ids None counts 0..L-1 through the
-    left padding, as HF does when SALM passes none."""
-    return model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
-
-
-def greedy_generate(model: SpeechLLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int = 128) -> Generation:
-    """SALM.generate after splicing: greedy with the KV cache; a row stops at the tokenizer's eos
-    (SALM's GenerationConfig; not <|im_end|>) and is padded with the pad id. Returns the new
-    tokens (B, n) and their raw logits (B, n, V)."""
-    tok = model.tokenizer
-    return generate(model.llm, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens, eos_ids=[tok.token_to_id(tok.eos_token)],
-                    pad_id=tok.pad_id, return_scores=True)

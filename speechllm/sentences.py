@@ -28,7 +28,9 @@ import hashlib
 import random
 import re
 
-TAGS = ("COMPLETE", "INCOMPLETE", "BACKCHANNEL")
+from . import tokenizer
+
+TAGS = tuple(t.strip("<>") for t in tokenizer.TAGS)  # the labels, as manifests write them
 
 
 def P(template: str) -> list[tuple[str, bool]]:

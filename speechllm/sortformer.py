@@ -17,7 +17,6 @@ up to 4. Matches NeMo 3.0.0 (diar_sortformer_4spk-v1 layout) to float32 rounding
   table in convert.py lists it as deliberately dropped.
 - Output frames past each item's length are exactly 0.
 """
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
@@ -26,16 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from .audio import LogMelFrontend, PreprocessorConfig
-from .convert import NEMO_SORTFORMER_KEYS, NEMO_SORTFORMER_TARGETS, ConversionError, NemoArchive, dropped_keys, remap
+from .config import build, refuse_unknown
+from .convert import dropped_keys, open_nemo, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
+from .weights import read_json, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
-
-FRAME_S = 0.08  # one output row per encoder frame: 8 mel frames of 10 ms
-
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -107,10 +104,11 @@ class SortFormerConfig:
     def from_dict(cls, d: dict) -> "SortFormerConfig":
         if d.get("model_type") != "sortformer":
             raise ValueError(f"not a SortFormer checkpoint config: model_type={d.get('model_type')!r}")
+        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "transformer", "num_spks", "dropout_rate", "eps"))
         return cls(
             preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
             encoder=FastConformerConfig.from_dict(d["encoder"]),
-            transformer=TransformerConfig(**d["transformer"]),
+            transformer=build(TransformerConfig, d["transformer"], "transformer."),
             num_spks=d["num_spks"],
             dropout_rate=d["dropout_rate"],
             eps=d["eps"],
@@ -241,7 +239,7 @@ class SortFormer(nn.Module):
     def diarize(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):
         """audio (B, N) float at 16 kHz, lengths (B,) samples -> speaker probabilities (B, T, S) per 80 ms
         frame, zero past each item's length, and lengths (B,) frames. Items share one peak scale, as
-        in NeMo; see `probs_to_segments` for turning probabilities into segments."""
+        in NeMo; activity.probs_to_segments turns probabilities into segments."""
         if lengths is None:
             lengths = torch.full(audio.shape[:1], audio.shape[1], dtype=torch.long)
         device = next(self.parameters()).device
@@ -251,17 +249,14 @@ class SortFormer(nn.Module):
 
     @classmethod
     def from_nemo(cls, path, legacy_frontend: bool = False) -> "SortFormer":
-        archive = NemoArchive(path)
+        archive, table = open_nemo(path, "sortformer", "a SortFormer diarizer")
         try:
             target = archive.target
-            if not target.endswith(NEMO_SORTFORMER_TARGETS):
-                raise ConversionError(f"{path}: model class {target or '(none)'} is not a SortFormer diarizer "
-                                      f"(supported: {', '.join(NEMO_SORTFORMER_TARGETS)})")
             model = cls(SortFormerConfig.from_nemo(archive.config, legacy_frontend))
             source = archive.state_dict()
-            sd = remap(NEMO_SORTFORMER_KEYS, source, model.state_dict(), f"{path} ({target})")
+            sd = remap(table, source, model.state_dict(), f"{path} ({target})")
             model.load_state_dict(sd, strict=True)
-            log.info("%s: left out, unused by the offline forward: %s", path, ", ".join(dropped_keys(NEMO_SORTFORMER_KEYS, source)))
+            log.info("%s: left out, unused by the offline forward: %s", path, ", ".join(dropped_keys(table, source)))
         finally:
             archive.close()
         return model.eval()
@@ -269,50 +264,12 @@ class SortFormer(nn.Module):
     @classmethod
     def from_pretrained(cls, path) -> "SortFormer":
         path = Path(path)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path}: not a SortFormer checkpoint directory ({name} is missing)")
-        cfg = SortFormerConfig.from_dict(json.loads((path / "config.json").read_text()))
+        require(path, ("config.json", "model.safetensors"), "a SortFormer checkpoint directory")
+        cfg = SortFormerConfig.from_dict(read_json(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
-        sd = remap({"": ""}, load_file(path / "model.safetensors"), model.state_dict(), str(path / "model.safetensors"))
-        model.load_state_dict(sd, strict=True, assign=True)
+        model.load_state_dict(read_state(path, model.state_dict()), strict=True, assign=True)
         return model.eval()
 
     def save_pretrained(self, path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
-
-
-# -----------------------------------------------------------------------------
-# segments and RTTM
-
-
-def probs_to_segments(probs: torch.Tensor, threshold: float = 0.5, min_duration: float = 0.0,
-                      frame_s: float = FRAME_S) -> list[tuple[float, float, str]]:
-    """One item's valid frames (T, S) -> [(start s, end s, "speaker_<k>")], sorted by start.
-
-    Frame t is active when its probability is above `threshold` and spans [t, t + 1) * frame_s; a
-    run of active frames is one segment, kept if it lasts at least `min_duration` seconds. With the
-    defaults this is NeMo's default diarize() post-processing (onset = offset = 0.5, no padding)."""
-    active = F.pad((probs > threshold).to(torch.int8).T, (1, 1))  # (S, T + 2), a silent frame each side
-    edges = active.diff(dim=1)  # +1 at an onset, -1 one past an offset
-    segments = []
-    for k in range(active.shape[0]):
-        starts = (edges[k] == 1).nonzero().flatten().tolist()
-        ends = (edges[k] == -1).nonzero().flatten().tolist()
-        for a, b in zip(starts, ends):
-            if (b - a) * frame_s >= min_duration:
-                segments.append((round(a * frame_s, 6), round(b * frame_s, 6), f"speaker_{k}"))
-    return sorted(segments, key=lambda seg: (seg[0], seg[2]))
-
-
-def format_rttm(segments, file_id: str) -> str:
-    """[(start, end, speaker)] -> RTTM text: one 'SPEAKER <file> 1 <onset> <duration> <NA> <NA>
-    <speaker> <NA> <NA>' line per segment, times in seconds to the millisecond."""
-    if not file_id or any(c.isspace() for c in file_id):
-        raise ValueError(f"RTTM file id {file_id!r} must be non-empty and contain no whitespace")
-    return "".join(f"SPEAKER {file_id} 1 {start:.3f} {end - start:.3f} <NA> <NA> {spk} <NA> <NA>\n"
-                   for start, end, spk in segments)
+        save_dir(path, self.cfg.to_dict(), self.state_dict())

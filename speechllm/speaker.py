@@ -1,7 +1,7 @@
-"""Speaker kernels (NeMo's SpeakerKernelMixin) and the per-frame speaker activity they read.
+"""Speaker kernels (NeMo's SpeakerKernelMixin): they steer the encoder towards one speaker.
 
 A speaker kernel tells the FastConformer whose speech to follow. At the input of each configured
-layer L, with s the target speaker's activity and g everyone else's, one value per 80 ms frame:
+layer L, with s the target speaker's activity and g everyone else's, one value per encoder frame:
 
     x = x + spk_kernels[L](x * s)          # (B, T, D)
     x = x + bg_spk_kernels[L](x * g)       # the background kernel sees the updated x
@@ -17,32 +17,17 @@ NeMo's defaults, reproduced because released kernels were trained with them:
 - bg_spk_targets None with spk_targets set: g = 0, and every kernel runs.
 - a mask shorter than T is left-padded (s with 1, g with 0); a longer one keeps its last T frames.
 
-Activity masks follow NeMo's multitalker training labels (asr_multispeaker_utils.speaker_to_target):
-segments are drawn on the 10 ms mel grid (onset and offset floored to a cell), encoder frame i takes
-the mean of the nine cells around 80*i ms (frame 0: the first four; the last frame: all cells to the
-end of the audio) and is active above 0.5. Speakers are numbered by first onset (SortFormer's
-arrival order); g is the OR of all speakers but the target. So a segment from 0.16 s to 0.40 s,
-frame-aligned, marks frames 3..5: the onset frame itself sees only 4 of its 9 cells active.
+The masks themselves (from RTTM, segments or a diarizer) are built in activity.py.
 """
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import build
 from .fastconformer import FastConformerConfig
-
-FRAME_S = 0.08  # encoder frame: 8 mel frames of 10 ms
-CELLS_PER_S = 100  # NeMo draws segments on the 10 ms mel grid
-CELLS_PER_FRAME = 8
-
-Segment = tuple[float, float, str]  # (start s, end s, speaker)
-
-
-# -----------------------------------------------------------------------------
-# kernels
 
 
 @dataclass(frozen=True)
@@ -78,10 +63,7 @@ class SpeakerKernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeakerKernelConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown speaker kernel config keys: {sorted(unknown)}")
-        return cls(**{**d, "layers": tuple(d.get("layers", (0,)))})
+        return build(cls, d, "speaker_kernels.")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}
@@ -161,81 +143,3 @@ def kernel_hook(spk_kernels: nn.ModuleDict | None, bg_spk_kernels: nn.ModuleDict
         return x
 
     return hook
-
-
-# -----------------------------------------------------------------------------
-# activity masks
-
-
-def read_rttm(path) -> dict[str, list[Segment]]:
-    """RTTM -> {file_id: [(start, end, speaker), ...]} from its SPEAKER lines, in file order.
-
-    Fields of a SPEAKER line: type, file id, channel, onset (s), duration (s), <NA>, <NA>, speaker,
-    <NA>, <NA>. Other line types, ';;' comments and blank lines are skipped."""
-    out: dict[str, list[Segment]] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        f = line.split()
-        if not f or f[0] != "SPEAKER":
-            continue
-        try:
-            start, duration, speaker = float(f[3]), float(f[4]), f[7]
-        except (IndexError, ValueError):
-            raise ValueError(f"{path}:{n}: not an RTTM SPEAKER line: {line.strip()!r}") from None
-        if start < 0 or duration < 0:
-            raise ValueError(f"{path}:{n}: negative onset or duration: {line.strip()!r}")
-        out.setdefault(f[1], []).append((start, start + duration, speaker))
-    return out
-
-
-def speaker_activity(segments: list[Segment], num_frames: int, duration: float | None = None,
-                     soft: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Segments in seconds -> activity (S, T) float32 per encoder frame, and the S speakers in arrival
-    order. `duration` is the audio's (default num_frames * 80 ms): segments are cut there, and the
-    last frame's window runs to it. soft: the active fraction of each window, instead of > 0.5."""
-    duration = num_frames * FRAME_S if duration is None else duration
-    speakers = list(dict.fromkeys(spk for _, _, spk in sorted(segments, key=lambda seg: seg[0])))
-    n = round(duration * CELLS_PER_S)
-    cells = torch.zeros(len(speakers), n, dtype=torch.float64)  # (S, n) on the 10 ms grid
-    for start, end, spk in segments:
-        # int() floors, as NeMo does, float error included (0.29 s -> cell 28).
-        cells[speakers.index(spk), int(max(start, 0.0) * CELLS_PER_S):int(min(end, duration) * CELLS_PER_S)] = 1.0
-    i = torch.arange(num_frames)
-    lo = (CELLS_PER_FRAME * i - 1 - CELLS_PER_FRAME // 2).clamp(0, n)  # (T,) first cell of frame i's window
-    hi = (CELLS_PER_FRAME * i + CELLS_PER_FRAME // 2).clamp(0, n)  # one past its last
-    hi[-1:] = n  # the last frame's window runs to the end of the audio
-    csum = F.pad(cells.cumsum(1), (1, 0))  # (S, n + 1)
-    frac = (csum[:, hi] - csum[:, lo]) / (hi - lo).clamp(min=1)  # (S, T)
-    return (frac if soft else frac > 0.5).float(), speakers
-
-
-def target_masks(segments: list[Segment], target: str, num_frames: int, duration: float | None = None,
-                 soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, g), each (T,): the target speaker's activity and the OR (soft: max) of everyone else's.
-    A target absent from the segments is silent: s = 0."""
-    act, speakers = speaker_activity(segments, num_frames, duration, soft)
-    others = [k for k, spk in enumerate(speakers) if spk != target]
-    s = act[speakers.index(target)] if target in speakers else act.new_zeros(num_frames)
-    g = act[others].amax(0) if others else act.new_zeros(num_frames)
-    return s, g
-
-
-def batch_target_masks(segments: list[list[Segment]], targets: list[str], num_frames: list[int],
-                       durations: list[float] | None = None, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-item `target_masks`, right-padded with 0 to the longest item -> s, g (B, T), ready for
-    ASRModel.encode (num_frames: each item's encoded length)."""
-    durations = durations or [None] * len(segments)
-    s = torch.zeros(len(segments), max(num_frames))
-    g = torch.zeros_like(s)
-    for b, (segs, target, t, dur) in enumerate(zip(segments, targets, num_frames, durations, strict=True)):
-        s[b, :t], g[b, :t] = target_masks(segs, target, t, dur, soft)
-    return s, g
-
-
-def masks_from_probs(probs: torch.Tensor, target: int, binary: bool = False,
-                     threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diarizer output (B, T, S) -> (s, g) (B, T) for speaker `target`, as NeMo's SpeakerTaggedASR
-    builds them: s = the target's probability (binary: > threshold), g = any other speaker > threshold."""
-    s = probs[..., target]
-    s = (s > threshold).to(probs.dtype) if binary else s
-    others = torch.cat([probs[..., :target], probs[..., target + 1:]], dim=-1)  # (B, T, S-1)
-    return s, (others > threshold).any(-1).to(probs.dtype)

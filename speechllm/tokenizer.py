@@ -9,10 +9,12 @@ embedding rows leave 271 spare), 403.. for the test fixture; a token already pre
 Chat format is ChatML, "<|im_start|>{role}\n{content}<|im_end|>\n" per message, with no default
 system turn (Qwen's template inserts one; we do not).
 """
-import json
 from pathlib import Path
 
 import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .weights import read_json, write_bytes, write_json
 
 AUDIO = "<audio>"
 TAGS = ("<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>")
@@ -50,7 +52,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json")
         config = {}
         if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+            config = read_json(path / "tokenizer_config.json")
         eos = _content(config.get("eos_token")) or "<|endoftext|>"
         return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), eos,
                    _content(config.get("pad_token")), extra_special_tokens)
@@ -60,10 +62,10 @@ class Tokenizer:
         naming the eos and pad tokens."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path / "tokenizer.json"))
+        write_bytes(path / "tokenizer.json", self.tokenizer.to_str(pretty=True).encode())
         config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "add_bos_token": False,
                   "eos_token": self.eos_token, "pad_token": self.pad_token}
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(path / "tokenizer_config.json", config)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -85,18 +87,6 @@ class Tokenizer:
     def __len__(self) -> int:
         """Number of ids in use, i.e. highest id + 1 (ids can have gaps)."""
         return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-
-    @property
-    def audio_id(self) -> int:
-        return self.token_to_id(AUDIO)
-
-    @property
-    def tag_ids(self) -> dict[str, int]:
-        return {tag: self.token_to_id(tag) for tag in TAGS}
-
-    @property
-    def im_start_id(self) -> int:
-        return self.token_to_id("<|im_start|>")
 
     @property
     def im_end_id(self) -> int:
@@ -127,8 +117,6 @@ def fit_embeddings(model, tokenizer: Tokenizer) -> int:
 def train_tokenizer(texts, vocab_size: int = 512) -> Tokenizer:
     """A byte-level BPE trained on `texts`, with Qwen's special tokens (<|endoftext|>, <|im_start|>,
     <|im_end|>) and ours: for small models trained from scratch, such as the synthetic-speech demo."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

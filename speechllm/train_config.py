@@ -9,11 +9,11 @@ parsed as YAML (`8` is an int, `null` is None, `[a, b]` a list); a key that no d
 stops the run with its dotted name. There is no interpolation and no inheritance between files.
 """
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+from .config import build
 
 
 @dataclass(frozen=True)
@@ -182,53 +182,6 @@ def _plain(x):
     return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def build(cls, d, where: str = ""):
-    """A (nested) dataclass from a dict, checking every key; errors name the dotted key."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(f'{where}{k}' for k in unknown)}")
-    kwargs = {}
-    for k, v in d.items():
-        sub = _dataclass_in(hints[k])
-        kwargs[k] = build(sub, v, f"{where}{k}.") if sub is not None and v is not None else _coerce(hints[k], v)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where.rstrip('.') or 'config'}: {e}") from None
-    except ValueError as e:
-        raise ValueError(str(e) if str(e).startswith(where.split(".")[0]) else f"{where}{e}") from None
-
-
-def _coerce(hint, v):
-    """YAML lists -> tuples for tuple fields; numbers written as '2e-5' (PyYAML reads a string:
-    YAML 1.1 floats need a dot) or 1 -> float for float fields."""
-    hint = _strip_none(hint)
-    if isinstance(v, list) and typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        return tuple(_coerce(item, x) for x in v)
-    if hint is float and isinstance(v, (int, str)) and not isinstance(v, bool):
-        try:
-            return float(v)
-        except ValueError:
-            raise ValueError(f"expected a number, got {v!r}") from None
-    return v
-
-
-def _strip_none(hint):
-    """`X | None` -> X; anything else unchanged."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-
-
-def _dataclass_in(hint):
-    hint = _strip_none(hint)
-    return hint if dataclasses.is_dataclass(hint) else None
-
-
 def apply_override(d: dict, item: str) -> None:
     """'a.b.c=value' -> d["a"]["b"]["c"] = yaml(value), creating missing (or null) sections."""
     key, sep, value = item.partition("=")
@@ -250,8 +203,4 @@ def load_config(path, overrides=()) -> TrainConfig:
         d = yaml.safe_load(f) or {}
     for item in overrides:
         apply_override(d, item)
-    return build(TrainConfig, d)
-
-
-def config_from_dict(d: dict) -> TrainConfig:
     return build(TrainConfig, d)

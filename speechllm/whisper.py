@@ -27,7 +27,6 @@ left out) or one written by `save_pretrained` (model_type "whisper_encoder"). Mo
 transformers' state-dict keys minus the `encoder.` prefix. B batch, N samples, T frames, D d_model,
 H heads.
 """
-import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,12 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .audio import SAMPLE_RATE, AudioError, mel_filterbank
 from .convert import dropped_keys, place, remap
-from .qwen2 import _weight_files
+from .config import build
+from .weights import headers, open_safetensors, read_json, save_dir, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +128,7 @@ class WhisperEncoderConfig:
         d = dict(d)
         if d.pop("model_type", None) != "whisper_encoder":
             raise ValueError(f"not a Whisper encoder config: model_type={d.get('model_type')!r}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown WhisperEncoderConfig fields: {unknown}")
-        return cls(**d)
+        return build(cls, d)
 
     def to_dict(self) -> dict:
         return {"model_type": "whisper_encoder", **asdict(self)}
@@ -320,7 +315,7 @@ class WhisperEncoder(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Whisper checkpoint directory (config.json is missing)")
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json")
         if config.get("model_type") == "whisper_encoder":
             cfg, table = WhisperEncoderConfig.from_dict(config), {"": ""}
         elif config.get("model_type") == "whisper":
@@ -328,12 +323,12 @@ class WhisperEncoder(nn.Module):
             if not pre_file.is_file():
                 raise FileNotFoundError(f"{path}: a Hugging Face Whisper directory needs preprocessor_config.json "
                                         "(the feature extractor's settings)")
-            cfg = WhisperEncoderConfig.from_hf(config, json.loads(pre_file.read_text()), str(path / "config.json"))
+            cfg = WhisperEncoderConfig.from_hf(config, read_json(pre_file), str(path / "config.json"))
             table = WHISPER_HF_KEYS
         else:
             raise ValueError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a Whisper model "
                              "(expected 'whisper' or 'whisper_encoder')")
-        files = _weight_files(path)
+        files = weight_files(path)
         with torch.device("meta"):
             model = cls(cfg)
         model.frontend = WhisperFrontend(cfg)  # its buffers are computed, not loaded: build them for real
@@ -341,13 +336,13 @@ class WhisperEncoder(nn.Module):
         # the encoder's tensors: a large-v3 decoder is not worth loading to drop.
         shapes = {}
         for file, names in files.items():
-            with safe_open(file, framework="pt") as f:
-                shapes.update({n: torch.empty(f.get_slice(n).get_shape(), device="meta") for n in names})
+            found = headers(file)
+            shapes.update({n: torch.empty(found[n][0], device="meta") for n in names})
         remap(table, shapes, model.state_dict(), str(path))
         _, ours, _ = place(table, shapes)
         state = {}
         for file, names in files.items():
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for name in names:
                     if ours.get(name) is not None:
                         t = f.get_tensor(name)
@@ -361,9 +356,5 @@ class WhisperEncoder(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """config.json (model_type "whisper_encoder") + model.safetensors, keys without a prefix."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        save_dir(path, self.cfg.to_dict(), self.state_dict())
 

@@ -1,138 +1,94 @@
 """ASRModel end to end against NeMo 3.0.0 (asr_ctc.nemo), the converter and the CLI.
 Run: python -m pytest -q tests/test_asr.py"""
-import io
 import json
 import os
-import subprocess
-import sys
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import load_file
 
+from conftest import load_script, max_valid_diff, rewrite_nemo, run_main
 from speechllm.asr import ASRModel, ctc_greedy
 from speechllm.audio import AudioError
 from speechllm.convert import ConversionError, NemoArchive
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model(fixtures):
-    return ASRModel.from_nemo(fixtures / "asr_ctc.nemo")
-
-
-@pytest.fixture(scope="module")
-def ref(fixtures):
-    return load_file(fixtures / "asr_ctc_ref.safetensors")
-
-
-@pytest.fixture(scope="module")
-def ref_json(fixtures):
-    return json.loads((fixtures / "asr_ctc_ref.json").read_text())
-
-
-def max_valid_diff(a, b, lengths):
-    return max((a[i, ..., :n] - b[i, ..., :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))
-
-
 @pytest.mark.parametrize("run", ["batch", "single0", "single1"])
-def test_features_encoder_and_log_probs_match_nemo(model, ref, run):
-    lengths = ref[f"{run}.input_signal_length"]
+def test_features_encoder_and_log_probs_match_nemo(asr, asr_ref, run):
+    lengths = asr_ref[f"{run}.input_signal_length"]
     if run == "batch":
-        audio = ref["batch.input_signal"]
+        audio = asr_ref["batch.input_signal"]
     else:  # single runs store no signal: it is the batch row, unpadded
         i = int(run[-1])
-        audio = ref["batch.input_signal"][i:i + 1, : int(lengths[0])]
+        audio = asr_ref["batch.input_signal"][i:i + 1, : int(lengths[0])]
     with torch.no_grad():
-        feats, feat_lens = model.features(audio, lengths)
-        assert feat_lens.tolist() == ref[f"{run}.features_length"].tolist()
-        assert feats.shape == ref[f"{run}.features"].shape
-        assert max_valid_diff(feats, ref[f"{run}.features"], feat_lens) < TOL
-        x, enc_lens = model.encode(feats, feat_lens)
-        assert enc_lens.tolist() == ref[f"{run}.encoded_length"].tolist()
-        assert max_valid_diff(x.transpose(1, 2), ref[f"{run}.encoder_output"], enc_lens) < TOL
-        log_probs, lens = model(audio, lengths)
-    assert max_valid_diff(log_probs.transpose(1, 2), ref[f"{run}.log_probs"].transpose(1, 2), lens) < TOL
+        feats, feat_lens = asr.features(audio, lengths)
+        assert feat_lens.tolist() == asr_ref[f"{run}.features_length"].tolist()
+        assert feats.shape == asr_ref[f"{run}.features"].shape
+        assert max_valid_diff(feats.transpose(1, 2), asr_ref[f"{run}.features"].transpose(1, 2), feat_lens) < TOL
+        x, enc_lens = asr.encode(feats, feat_lens)
+        assert enc_lens.tolist() == asr_ref[f"{run}.encoded_length"].tolist()
+        assert max_valid_diff(x, asr_ref[f"{run}.encoder_output"].transpose(1, 2), enc_lens) < TOL
+        log_probs, lens = asr(audio, lengths)
+    assert max_valid_diff(log_probs, asr_ref[f"{run}.log_probs"], lens) < TOL
     for i, n in enumerate(lens.tolist()):
-        assert log_probs[i, :n].argmax(-1).tolist() == ref[f"{run}.greedy_frame_ids"][i, :n].tolist()
+        assert log_probs[i, :n].argmax(-1).tolist() == asr_ref[f"{run}.greedy_frame_ids"][i, :n].tolist()
 
 
-def test_greedy_ids_and_text_identical(model, ref, ref_json, fixtures):
+def test_greedy_ids_and_text_identical(asr, asr_ref, asr_ref_json, fixtures):
     with torch.no_grad():
-        log_probs, lens = model(ref["batch.input_signal"], ref["batch.input_signal_length"])
-    ids = ctc_greedy(log_probs, lens, model.blank_id)
-    assert ids == ref_json["batch"]["greedy_token_ids"]
-    assert [model.tokenizer.decode(i) for i in ids] == ref_json["batch"]["greedy_text"]
+        log_probs, lens = asr(asr_ref["batch.input_signal"], asr_ref["batch.input_signal_length"])
+    ids = ctc_greedy(log_probs, lens, asr.blank_id)
+    assert ids == asr_ref_json["batch"]["greedy_token_ids"]
+    assert [asr.tokenizer.decode(i) for i in ids] == asr_ref_json["batch"]["greedy_text"]
     # The same through transcribe(), from the WAV files themselves.
-    texts = model.transcribe([fixtures / "audio_0.wav", fixtures / "audio_1.wav"])
-    assert texts == ref_json["batch"]["greedy_text"]
+    texts = asr.transcribe([fixtures / "audio_0.wav", fixtures / "audio_1.wav"])
+    assert texts == asr_ref_json["batch"]["greedy_text"]
 
 
-def test_tokenizer_matches_nemo_probes(model, ref_json):
-    for text, ids in ref_json["tokenizer_probes"].items():
-        assert model.tokenizer.encode(text) == ids, text
-    assert [model.tokenizer.id_to_piece(i) for i in range(model.cfg.vocab_size)] == ref_json["vocabulary"]
+def test_tokenizer_matches_nemo_probes(asr, asr_ref_json):
+    for text, ids in asr_ref_json["tokenizer_probes"].items():
+        assert asr.tokenizer.encode(text) == ids, text
+    assert [asr.tokenizer.id_to_piece(i) for i in range(asr.cfg.vocab_size)] == asr_ref_json["vocabulary"]
 
 
-def test_transcribe_batch_equals_single(model, fixtures):
+def test_transcribe_batch_equals_single(asr, fixtures):
     a0, _ = sf.read(fixtures / "audio_0.wav", dtype="float32")
     a1, _ = sf.read(fixtures / "audio_1.wav", dtype="float32")
-    together = model.transcribe([a1, a0, a1], batch_size=3)
-    assert together == [model.transcribe(a1), model.transcribe(a0), model.transcribe(a1)]
+    together = asr.transcribe([a1, a0, a1], batch_size=3)
+    assert together == [asr.transcribe(a1), asr.transcribe(a0), asr.transcribe(a1)]
 
 
-def test_save_and_load_pretrained_round_trip(model, ref, tmp_path):
-    model.save_pretrained(tmp_path)
+def test_save_and_load_pretrained_round_trip(asr, asr_ref, tmp_path):
+    asr.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
     again = ASRModel.from_pretrained(tmp_path)
-    audio, lengths = ref["batch.input_signal"], ref["batch.input_signal_length"]
+    audio, lengths = asr_ref["batch.input_signal"], asr_ref["batch.input_signal_length"]
     with torch.no_grad():
-        a, _ = model(audio, lengths)
+        a, _ = asr(audio, lengths)
         b, _ = again(audio, lengths)
     assert torch.equal(a, b)
-    assert again.tokenizer.encode("hello world") == model.tokenizer.encode("hello world")
+    assert again.tokenizer.encode("hello world") == asr.tokenizer.encode("hello world")
 
 
-def test_bf16_weights_stay_close(model, ref, tmp_path):
-    model.save_pretrained(tmp_path)
+def test_bf16_weights_stay_close(asr, asr_ref, tmp_path):
+    asr.save_pretrained(tmp_path)
     half = ASRModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    audio, lengths = ref["batch.input_signal"], ref["batch.input_signal_length"]
+    audio, lengths = asr_ref["batch.input_signal"], asr_ref["batch.input_signal_length"]
     with torch.no_grad():
-        a, lens = model(audio, lengths)
+        a, lens = asr(audio, lengths)
         b, _ = half(audio, lengths)
     # bf16 has an 8-bit mantissa; through 2 layers the log-probs move by a few hundredths at most.
-    assert max_valid_diff(a.transpose(1, 2), b.transpose(1, 2), lens) < 0.25
+    assert max_valid_diff(a, b, lens) < 0.25
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
 
 
 # ----------------------------------------------------------------------------------------------
 # bad checkpoints
 
-
-def rewrite_nemo(src: Path, dst: Path, config=None, state=None, extra=()):
-    """Copy a .nemo, replacing its config dict and/or state dict; `extra` adds (name, bytes) members."""
-    archive = NemoArchive(src)
-    config = config if config is not None else archive.config
-    state = state if state is not None else archive.state_dict()
-    with tarfile.open(src) as tin, tarfile.open(dst, "w:") as tout:
-        for m in tin.getmembers():
-            if m.isfile() and not m.name.endswith(("model_config.yaml", "model_weights.ckpt")):
-                tout.addfile(m, tin.extractfile(m))
-        import yaml
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        for name, data in [("./model_config.yaml", yaml.safe_dump(config).encode()),
-                           ("./model_weights.ckpt", buf.getvalue()), *extra]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tout.addfile(info, io.BytesIO(data))
-    return dst
 
 
 def test_conversion_lists_missing_extra_and_mismatched_tensors(fixtures, tmp_path):
@@ -186,22 +142,22 @@ def test_not_a_nemo_file(tmp_path):
         ASRModel.from_nemo(tmp_path / "missing.nemo")
 
 
-def test_too_short_and_bad_arrays_are_named(model):
+def test_too_short_and_bad_arrays_are_named(asr):
     with pytest.raises(AudioError, match="too short"):
-        model.transcribe(np.zeros(100, dtype=np.float32))
+        asr.transcribe(np.zeros(100, dtype=np.float32))
     with pytest.raises(AudioError, match="input #1"):
-        model.transcribe([np.zeros(16000, dtype=np.float32), np.full(16000, np.nan, dtype=np.float32)])
+        asr.transcribe([np.zeros(16000, dtype=np.float32), np.full(16000, np.nan, dtype=np.float32)])
 
 
 # ----------------------------------------------------------------------------------------------
 # command line
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+SCRIPTS = {name: load_script(name) for name in ("infer", "convert_weights")}
 
 
-def test_cli_convert_then_transcribe(fixtures, tmp_path, ref_json):
+def test_cli_convert_then_transcribe(fixtures, tmp_path, asr_ref_json, capsys):
+    run = lambda script, *args: run_main(SCRIPTS[script.removesuffix(".py")].main, args, capsys)
     out = tmp_path / "asr"
     r = run("convert_weights.py", "nemo", str(fixtures / "asr_ctc.nemo"), str(out))
     assert r.returncode == 0, r.stderr
@@ -213,10 +169,11 @@ def test_cli_convert_then_transcribe(fixtures, tmp_path, ref_json):
     assert r.returncode == 1  # one bad file: reported, the others still transcribed
     assert "bad.wav" in r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [d["text"] for d in lines] == ref_json["batch"]["greedy_text"]
+    assert [d["text"] for d in lines] == asr_ref_json["batch"]["greedy_text"]
 
 
-def test_cli_help_and_errors(tmp_path):
+def test_cli_help_and_errors(tmp_path, capsys):
+    run = lambda script, *args: run_main(SCRIPTS[script.removesuffix(".py")].main, args, capsys)
     for script in ("infer.py", "convert_weights.py"):
         r = run(script, "--help")
         assert r.returncode == 0 and "usage" in r.stdout

@@ -1,16 +1,15 @@
 """convert_weights.py: assemble, full checkpoints in several layouts, inspect.
 Run: python -m pytest -q tests/test_convert.py"""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+import speechllm
+from conftest import load_script, run_main
+from speechllm.asr import ASRModel
 from speechllm.convert import ConversionError, inspect, load_checkpoint_into, read_checkpoint
 from speechllm.model import SpeechLLM, assemble
+from speechllm.sortformer import SortFormer
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +116,26 @@ def test_inspect_places_every_tensor(fixtures, trained, tmp_path):
     assert dict((r[0], r[3]) for r in rows)["encoder.decoder.decoder_layers.0.weight"] == "dropped"
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "convert_weights.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_load_and_from_nemo_pick_the_class_by_model_type(fixtures, tmp_path):
+    diarizer = speechllm.from_nemo(fixtures / "diar_sortformer.nemo")
+    asr = speechllm.from_nemo(fixtures / "asr_ctc.nemo")
+    assert isinstance(diarizer, SortFormer) and isinstance(asr, ASRModel)
+    diarizer.save_pretrained(tmp_path / "diar")
+    asr.save_pretrained(tmp_path / "asr")
+    assert isinstance(speechllm.load(tmp_path / "diar"), SortFormer)
+    half = speechllm.load(tmp_path / "asr", dtype=torch.bfloat16)
+    assert half.encoder.pre_encode.out.weight.dtype == torch.bfloat16 and half.preprocessor.fb.dtype == torch.float32
+    archive = speechllm.load(fixtures / "asr_ctc.nemo", dtype=torch.bfloat16)
+    assert equal_models(archive, half)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        speechllm.load(tmp_path)
 
 
-def test_cli_assemble_checkpoint_inspect(fixtures, trained, tmp_path):
+convert_weights = load_script("convert_weights")
+
+
+def test_cli_assemble_checkpoint_inspect(fixtures, trained, tmp_path, capsys):
+    run = lambda *args: run_main(convert_weights.main, args, capsys)
     r = run("assemble", "--encoder", str(fixtures / "asr_ctc.nemo"), "--llm", str(fixtures / "llm_hf"),
             "--out", str(tmp_path / "stage1"), "--speaker-kernel-layers", "0")
     assert r.returncode == 0, r.stderr

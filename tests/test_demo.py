@@ -3,14 +3,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-
+from conftest import ROOT, load_script, run_main
+from speechllm import demo, synth
 from speechllm.audio import load_audio, pad_batch
 from speechllm.data import read_manifest
 from speechllm.model import SpeechLLM
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints" / "demo"
 EXAMPLES = ROOT / "examples"
 
@@ -26,9 +25,9 @@ def test_bundled_model_is_small_and_tags_the_examples():
         assert out["tag"] == u.label, (u.audio, out["probs"])
 
 
-def test_infer_without_checkpoint_uses_the_demo_model():
+def test_infer_without_checkpoint_uses_the_demo_model(capsys):
     wavs = sorted(str(p) for p in EXAMPLES.glob("*.wav"))
-    r = subprocess.run([sys.executable, "infer.py", *wavs, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_main(load_script("infer").main, [*wavs, "--json"], capsys)
     assert r.returncode == 0, r.stderr
     assert "demo model" in r.stderr and "synthetic" in r.stderr
     labels = {str(u.audio): u.label for u in read_manifest(EXAMPLES / "examples.jsonl")}
@@ -36,13 +35,14 @@ def test_infer_without_checkpoint_uses_the_demo_model():
     assert len(rows) == len(wavs) and all(row["tag"] == labels[row["audio"]] for row in rows)
 
 
-def test_demo_recipe_runs_a_few_steps(tmp_path):
+def test_demo_recipe_runs_a_few_steps(tmp_path, capsys):
+    """The README's three commands; the first two in this process, torchrun's two processes for real."""
+    r = run_main(synth.main, ["--out", tmp_path / "synth", "--train", "4", "--dev", "2", "--test", "1"], capsys)
+    assert r.returncode == 0, r.stderr
+    r = run_main(demo.main, ["--data", tmp_path / "synth", "--out", tmp_path / "init"], capsys)
+    assert r.returncode == 0, r.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    r = run("-m", "speechllm.synth", "--out", str(tmp_path / "synth"), "--train", "4", "--dev", "2", "--test", "1")
-    assert r.returncode == 0, r.stderr
-    r = run("-m", "speechllm.demo", "--data", str(tmp_path / "synth"), "--out", str(tmp_path / "init"))
-    assert r.returncode == 0, r.stderr
     r = run("-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", "--config", "conf/demo.yaml",
             f"model.init_from={tmp_path / 'init'}", f"trainer.out_dir={tmp_path / 'run'}", "trainer.max_steps=3",
             "trainer.val_check_interval=3", "trainer.save_every_n_steps=3", "trainer.progress_bar=false",

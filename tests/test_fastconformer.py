@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from conftest import max_valid_diff
 from speechllm.convert import NemoArchive
 from speechllm.fastconformer import (
+    ConformerConvolution,
     DwStridingSubsampling,
     FastConformer,
     FastConformerConfig,
@@ -30,30 +31,30 @@ def nemo_encoder(fixtures):
     return enc
 
 
-@pytest.fixture(scope="module")
-def ref(fixtures):
-    return load_file(fixtures / "asr_ctc_ref.safetensors")
-
-
-def max_valid_diff(a, b, lengths):
-    return max((a[i, :n] - b[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))
-
 
 @pytest.mark.parametrize("run", ["batch", "single0", "single1"])
-def test_encoder_matches_nemo_layer_by_layer(nemo_encoder, ref, run):
+def test_encoder_matches_nemo_layer_by_layer(nemo_encoder, asr_ref, run):
+    hidden = []  # every layer's input, recorded by the speaker kernels' hook point; then the output
+
+    def record(i, x, lengths):
+        hidden.append(x)
+        return x
+
     with torch.no_grad():
-        x, lengths, hidden = nemo_encoder(ref[f"{run}.features"], ref[f"{run}.features_length"], return_hidden=True)
-    assert lengths.tolist() == ref[f"{run}.encoded_length"].tolist()
+        x, lengths = nemo_encoder(asr_ref[f"{run}.features"], asr_ref[f"{run}.features_length"], layer_hook=record)
+    hidden.append(x)  # the test encoder has no out_proj: the last layer's output
+    assert not hasattr(nemo_encoder, "out_proj") and len(hidden) == 3
+    assert lengths.tolist() == asr_ref[f"{run}.encoded_length"].tolist()
     # The fixture's `pre_encode` is the subsampling module's output, taken before the xscale multiply
     # (it is exactly 1/sqrt(d_model) = 1/8 of what enters layer 0).
-    assert max_valid_diff(hidden[0], ref[f"{run}.pre_encode"] * math.sqrt(64), lengths) < TOL
-    assert max_valid_diff(hidden[1], ref[f"{run}.encoder_layer0"], lengths) < TOL
-    assert max_valid_diff(hidden[2], ref[f"{run}.encoder_layer1"], lengths) < TOL
-    assert max_valid_diff(x, ref[f"{run}.encoder_output"].transpose(1, 2), lengths) < TOL
+    assert max_valid_diff(hidden[0], asr_ref[f"{run}.pre_encode"] * math.sqrt(64), lengths) < TOL
+    assert max_valid_diff(hidden[1], asr_ref[f"{run}.encoder_layer0"], lengths) < TOL
+    assert max_valid_diff(hidden[2], asr_ref[f"{run}.encoder_layer1"], lengths) < TOL
+    assert max_valid_diff(x, asr_ref[f"{run}.encoder_output"].transpose(1, 2), lengths) < TOL
 
 
-def test_padded_batch_equals_each_clip_alone(nemo_encoder, ref):
-    feats, lens = ref["batch.features"], ref["batch.features_length"]
+def test_padded_batch_equals_each_clip_alone(nemo_encoder, asr_ref):
+    feats, lens = asr_ref["batch.features"], asr_ref["batch.features_length"]
     with torch.no_grad():
         xb, lb = nemo_encoder(feats, lens)
         for i in range(2):
@@ -71,6 +72,7 @@ def test_padded_batch_equals_each_clip_alone(nemo_encoder, ref):
 def test_length_formula_matches_real_convolutions():
     cfg = FastConformerConfig(feat_in=16, d_model=8, n_heads=2, n_layers=0, subsampling_conv_channels=2)
     sub = DwStridingSubsampling(cfg)
+    torch.set_num_threads(1)  # 6000 tiny convolutions: a second thread only waits (2x slower on 2 cores)
     with torch.no_grad():
         for t in range(1, 2001):
             y = sub.conv(torch.zeros(1, 1, t, 16))  # the convolutions alone, no length bookkeeping
@@ -161,5 +163,40 @@ def test_linear_pre_encode_and_layer_norm_variant_run():
                               conv_norm_type="layer_norm", xscaling=False)
     enc = FastConformer(cfg).eval()
     assert isinstance(enc.pre_encode, torch.nn.Linear)
-    x, lens = enc(torch.randn(2, 12, 9), torch.tensor([9, 4]))
+    feats = torch.randn(2, 12, 9)
+    with torch.no_grad():
+        x, lens = enc(feats, torch.tensor([9, 4]))
+        alone, _ = enc(feats[1:, :, :4], torch.tensor([4]))
     assert x.shape == (2, 9, 16) and lens.tolist() == [9, 4]
+    assert (x[1, :4] - alone[0]).abs().max() < 1e-5  # the per-frame LayerNorm lets no padding in
+
+
+def reference_conv_module(m, x, pad_mask):
+    """NeMo's ConformerConvolution with conv_norm_type layer_norm, in float64 and channels-first as
+    NeMo computes it: pointwise conv, GLU over the channels, padding zeroed, depthwise conv,
+    LayerNorm over each frame's channels (biased variance), SiLU, pointwise conv."""
+    d, k = x.shape[-1], m.depthwise_conv.kernel_size[0]
+    h = F.conv1d(x.transpose(1, 2), m.pointwise_conv1.weight, m.pointwise_conv1.bias)  # (B, 2D, T)
+    h = h[:, :d] * torch.sigmoid(h[:, d:])
+    h = h.masked_fill(pad_mask[:, None, :], 0.0)
+    h = F.conv1d(h, m.depthwise_conv.weight, m.depthwise_conv.bias, padding=(k - 1) // 2, groups=d)
+    mean = h.mean(1, keepdim=True)
+    var = (h - mean).pow(2).mean(1, keepdim=True)
+    norm = m.batch_norm
+    h = (h - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None] + norm.bias[:, None]
+    h = h * torch.sigmoid(h)
+    return F.conv1d(h, m.pointwise_conv2.weight, m.pointwise_conv2.bias).transpose(1, 2)  # (B, T, D)
+
+
+def test_layer_norm_conv_module_equals_a_float64_recomputation():
+    cfg = FastConformerConfig(d_model=16, n_heads=2, n_layers=1, conv_kernel_size=5, conv_norm_type="layer_norm")
+    m = ConformerConvolution(cfg).double().eval()
+    assert isinstance(m.batch_norm, torch.nn.LayerNorm)  # NeMo's attribute name, whatever the norm
+    with torch.no_grad():  # not the identity, so a wrong axis or order shows
+        m.batch_norm.weight.normal_(1.0, 0.5)
+        m.batch_norm.bias.normal_(0.0, 0.5)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    pad = make_pad_mask(torch.tensor([11, 6, 1]), 11)
+    with torch.no_grad():
+        got, want = m(x, pad), reference_conv_module(m, x, pad)
+    assert (got - want).abs().max() < 1e-10

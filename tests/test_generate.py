@@ -4,21 +4,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from speechllm.generate import generate, sample, stop_ids, top_p_filter
-from speechllm.qwen2 import Qwen2ForCausalLM
+from conftest import stop_ids
+from speechllm.generate import generate, sample, top_p_filter
 from speechllm.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def ref(fixtures):
-    return load_file(fixtures / "llm_ref.safetensors")
-
-
-@pytest.fixture(scope="module")
-def model(fixtures):
-    return Qwen2ForCausalLM.from_pretrained(fixtures / "llm_hf")
 
 
 @pytest.fixture(scope="module")
@@ -33,49 +22,49 @@ def left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def test_stop_ids(model, tok):
-    assert stop_ids(model, tok) == [400, 402]  # generation_config eos + <|im_end|>
+def test_stop_ids(llm, tok):
+    assert stop_ids(llm, tok) == [400, 402]  # generation_config eos + <|im_end|>
 
 
-def test_greedy_matches_transformers(model, ref, tok):
-    out = generate(model, ref["gen.prompt_ids"], max_new_tokens=12, eos_ids=stop_ids(model, tok),
+def test_greedy_matches_transformers(llm, llm_ref, tok):
+    out = generate(llm, llm_ref["gen.prompt_ids"], max_new_tokens=12, eos_ids=stop_ids(llm, tok),
                    return_scores=True)
-    assert torch.equal(out.tokens[0], ref["gen.new_token_ids"])
-    assert torch.equal(torch.cat([ref["gen.prompt_ids"], out.tokens], 1), ref["gen.sequences"])
+    assert torch.equal(out.tokens[0], llm_ref["gen.new_token_ids"])
+    assert torch.equal(torch.cat([llm_ref["gen.prompt_ids"], out.tokens], 1), llm_ref["gen.sequences"])
     assert out.scores.shape == (1, 12, 448) and out.scores.dtype == torch.float32
-    assert (out.scores[0] - ref["gen.scores"]).abs().max() < 1e-4
+    assert (out.scores[0] - llm_ref["gen.scores"]).abs().max() < 1e-4
 
 
-def test_inputs_embeds_prompt(model, ref):
-    ids = ref["gen.prompt_ids"]
-    out = generate(model, inputs_embeds=model.model.embed_tokens(ids).detach(), max_new_tokens=12)
-    assert torch.equal(out.tokens[0], ref["gen.new_token_ids"])
+def test_inputs_embeds_prompt(llm, llm_ref):
+    ids = llm_ref["gen.prompt_ids"]
+    out = generate(llm, inputs_embeds=llm.model.embed_tokens(ids).detach(), max_new_tokens=12)
+    assert torch.equal(out.tokens[0], llm_ref["gen.new_token_ids"])
 
 
-def test_left_padded_batch_equals_rows_alone(model, tok):
+def test_left_padded_batch_equals_rows_alone(llm, tok):
     prompts = [tok.encode_chat([{"role": "user", "content": text}])
                for text in ("say something about the weather", "hi")]
     ids, mask = left_pad(prompts, tok.pad_id)
-    batch = generate(model, ids, attention_mask=mask, max_new_tokens=8, return_scores=True)
+    batch = generate(llm, ids, attention_mask=mask, max_new_tokens=8, return_scores=True)
     for i, prompt in enumerate(prompts):
-        alone = generate(model, torch.tensor([prompt]), max_new_tokens=8, return_scores=True)
+        alone = generate(llm, torch.tensor([prompt]), max_new_tokens=8, return_scores=True)
         assert torch.equal(batch.tokens[i], alone.tokens[0])
         assert (batch.scores[i] - alone.scores[0]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="left padding"):
-        generate(model, ids, attention_mask=mask.flip(1), max_new_tokens=2)
+        generate(llm, ids, attention_mask=mask.flip(1), max_new_tokens=2)
 
 
-def test_rows_stop_at_eos_and_are_padded(model, ref, tok):
+def test_rows_stop_at_eos_and_are_padded(llm, llm_ref, tok):
     hi = tok.encode_chat([{"role": "user", "content": "hi"}])
-    ids, mask = left_pad([ref["gen.prompt_ids"][0].tolist(), hi], tok.pad_id)
-    free = generate(model, ids, attention_mask=mask, max_new_tokens=6).tokens
+    ids, mask = left_pad([llm_ref["gen.prompt_ids"][0].tolist(), hi], tok.pad_id)
+    free = generate(llm, ids, attention_mask=mask, max_new_tokens=6).tokens
     stop = int(free[0, 2])  # row 0's third token becomes an eos id
     assert stop not in free[0, :2].tolist() and stop not in free[1].tolist()
-    out = generate(model, ids, attention_mask=mask, max_new_tokens=6, eos_ids=[stop], pad_id=399)
+    out = generate(llm, ids, attention_mask=mask, max_new_tokens=6, eos_ids=[stop], pad_id=399)
     assert torch.equal(out.tokens[0], torch.cat([free[0, :3], torch.tensor([399, 399, 399])]))
     assert torch.equal(out.tokens[1], free[1])
     # When every row is done the loop ends early.
-    first = generate(model, ids[:1], max_new_tokens=6, eos_ids=[int(free[0, 0])])
+    first = generate(llm, ids[:1], max_new_tokens=6, eos_ids=[int(free[0, 0])])
     assert first.tokens.shape == (1, 1)
 
 
@@ -83,11 +72,11 @@ def test_rows_stop_at_eos_and_are_padded(model, ref, tok):
 # Sampling
 
 
-def test_top_k_1_is_greedy(model, ref):
+def test_top_k_1_is_greedy(llm, llm_ref):
     g = torch.Generator().manual_seed(1)
-    out = generate(model, ref["gen.prompt_ids"], max_new_tokens=12, temperature=1.5, top_k=1,
+    out = generate(llm, llm_ref["gen.prompt_ids"], max_new_tokens=12, temperature=1.5, top_k=1,
                    generator=g)
-    assert torch.equal(out.tokens[0], ref["gen.new_token_ids"])
+    assert torch.equal(out.tokens[0], llm_ref["gen.new_token_ids"])
 
 
 def test_top_p_on_a_known_distribution():
@@ -113,9 +102,9 @@ def test_top_k_filters_and_sampling_follows_probabilities():
     assert abs((draws == 3).float().mean().item() - 4 / 7) < 0.03  # 0.4 / (0.3 + 0.4)
 
 
-def test_seeded_sampling_is_deterministic(model, ref):
+def test_seeded_sampling_is_deterministic(llm, llm_ref):
     def run(seed):
-        return generate(model, ref["gen.prompt_ids"], max_new_tokens=12, temperature=1.0,
+        return generate(llm, llm_ref["gen.prompt_ids"], max_new_tokens=12, temperature=1.0,
                         top_p=0.9, generator=torch.Generator().manual_seed(seed)).tokens
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))

@@ -1,20 +1,17 @@
 """infer.py end to end on a tiny random Speech-LLM. Run: python -m pytest -q tests/test_infer.py"""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
+from conftest import load_script, run_main
 from speechllm.audio import pad_batch
 from speechllm.metrics import classification_report
 from speechllm.model import SpeechLLM, assemble
 from speechllm.speaker import SpeakerKernelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 TAGS = ["<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>"]
 
 
@@ -40,8 +37,13 @@ def setup(fixtures, tmp_path_factory):
     return tmp, SpeechLLM.from_pretrained(tmp / "ckpt")
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+infer = load_script("infer")
+
+
+@pytest.fixture
+def run(capsys):
+    """infer.py's main in this process: run(*argv) -> returncode, stdout, stderr."""
+    return lambda *args: run_main(infer.main, args, capsys)
 
 
 def predictions(model, paths):
@@ -49,7 +51,7 @@ def predictions(model, paths):
     return [model.predict(*pad_batch([c]), max_new_tokens=8)[0] for c in clips]
 
 
-def test_lines_and_json(setup):
+def test_lines_and_json(setup, run):
     tmp, model = setup
     paths = [str(tmp / "clip0.wav"), str(tmp / "clip1.wav")]
     r = run(*paths, "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32", "--max-new-tokens", "8")
@@ -69,7 +71,7 @@ def test_lines_and_json(setup):
     assert all(set(row["probs"]) == set(TAGS) and abs(sum(row["probs"].values()) - 1) < 1e-5 for row in rows)
 
 
-def test_manifest_metrics_equal_hand_computed(setup):
+def test_manifest_metrics_equal_hand_computed(setup, run):
     tmp, model = setup
     r = run("--manifest", str(tmp / "test.jsonl"), "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32",
             "--max-new-tokens", "8", "--json")
@@ -96,7 +98,7 @@ def test_manifest_metrics_equal_hand_computed(setup):
     assert "macro-F1" in text and "false cut-off" in text and "confusion" in text
 
 
-def test_bad_inputs(setup):
+def test_bad_inputs(setup, run):
     tmp, _ = setup
     (tmp / "bad.jsonl").write_text('{"audio_filepath": "clip0.wav", "label": "COMPLETE"}\n{"audio_filepath": \n')
     r = run("--manifest", str(tmp / "bad.jsonl"), "--checkpoint", str(tmp / "ckpt"))

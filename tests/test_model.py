@@ -7,8 +7,10 @@ from safetensors.torch import load_file
 
 from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
-from speechllm.model import IGNORE, PromptConfig, SpeechLLM, assemble
+from speechllm.model import IGNORE, PromptConfig, SpeechLLM, SpeechLLMConfig, assemble
 from speechllm.qwen2 import Qwen2ForCausalLM
+from speechllm.speaker import SpeakerKernelConfig
+from speechllm.tokenizer import TAGS
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,21 @@ def test_special_tokens_use_spare_rows_and_start_at_the_mean(model, fixtures):
     assert torch.equal(w[:403], stock.model.embed_tokens.weight[:403])
 
 
+def test_new_parts_are_seeded_on_their_own(fixtures, model):
+    """assemble's projector: fields over the default fitted to the widths; each new part draws from its
+    own seed, so new speaker kernels beside it do not change the projector."""
+    a = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", projector={"n_layers": 1}, seed=5)
+    assert (a.cfg.projector.n_layers, a.cfg.projector.in_dim, a.cfg.projector.out_dim) == (1, 64, 64)
+    b = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", projector={"n_layers": 1},
+                 speaker=SpeakerKernelConfig(layers=(0,)), seed=5)
+    pa, pb = a.projector.state_dict(), b.projector.state_dict()
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert b.cfg.speaker == SpeakerKernelConfig(layers=(0,)) and b.spk_kernels["0"][3].weight.abs().sum() == 0
+    b.new_projector(model.cfg.projector, seed=0)  # what assemble(seed=0) drew
+    pm, pb = model.projector.state_dict(), b.projector.state_dict()
+    assert b.cfg.projector == model.cfg.projector and all(torch.equal(pm[k], pb[k]) for k in pm)
+
+
 def test_splice_places_audio_at_the_placeholder_with_left_padding(model):
     emb = model.llm.model.embed_tokens.weight
     audio = torch.randn(3, 5, emb.shape[1])
@@ -54,8 +71,10 @@ def test_splice_places_audio_at_the_placeholder_with_left_padding(model):
     a = model.audio_id
     rows = [[1, 2, a, 3], [4, a, 5, 6, 7], [a, 8]]
     labels = [[IGNORE, 2, IGNORE, 3], [IGNORE] * 5, [IGNORE, 8]]
+    weights = [[0.0, 0.5, 0.0, 2.0], [0.0] * 5, [0.0, 3.0]]
     with torch.no_grad():
-        x, mask, pos, target = model.splice(audio, lens, rows, labels)
+        x, mask, pos, target, weight = model.splice(audio, lens, rows, labels, weights)
+        *_, default = model.splice(audio, lens, rows, labels)
     width = max(len(r) - 1 + int(n) for r, n in zip(rows, lens))
     assert x.shape == (3, width, emb.shape[1]) and width == 8
     for i, (row, n) in enumerate(zip(rows, lens.tolist())):
@@ -70,6 +89,10 @@ def test_splice_places_audio_at_the_placeholder_with_left_padding(model):
         assert torch.equal(x[i, pad + j + n:], emb[row[j + 1:]])
         assert (target[i, pad + j:pad + j + n] == IGNORE).all()
     assert target[0, -1].item() == 3 and target[2, -1].item() == 8
+    # each weight stays beside its label, wherever the audio and the padding push it
+    assert weight[target == IGNORE].sum() == 0 and weight[0, -1] == 2.0 and weight[2, -1] == 3.0
+    assert weight[0, -1 - 1 - 5] == 0.5 and target[0, -1 - 1 - 5].item() == 2  # before 5 audio frames
+    assert torch.equal(default, (target != IGNORE).float())
     with pytest.raises(ValueError, match="holds 2"):
         model.splice(audio, lens, [[a, a]])
 
@@ -83,7 +106,7 @@ def test_loss_matches_a_hand_computation(model, batch):
         # By hand: full logits, float64, each row's answer tokens one by one.
         emb, emb_lens = model.embed_audio(audio, lens)
         prompt = model.prompt_ids()
-        total, weight = 0.0, 0.0
+        total, weight, plain, tag_ce = 0.0, 0.0, [], []
         for i in range(2):
             answer, tag_at = model.answer_ids(transcripts[i], tags[i])
             x, mask, pos = model.splice(emb[i:i + 1], emb_lens[i:i + 1], [prompt + answer])
@@ -93,8 +116,27 @@ def test_loss_matches_a_hand_computation(model, batch):
                 ce = -F.log_softmax(logits[start + k - 1], -1)[tok].item()
                 w = 5.0 if k == tag_at else 1.0
                 total, weight = total + w * ce, weight + w
+                plain.append(ce)
+                tag_ce += [ce] if k == tag_at else []
     assert abs(loss.item() - total / weight) < 1e-4
-    assert tags[0] in model.cfg.prompt.tags and stats["tag_loss"] is not None
+    assert abs(stats["token_loss"].item() - sum(plain) / len(plain)) < 1e-4
+    assert len(tag_ce) == 2 and abs(stats["tag_loss"].item() - sum(tag_ce) / 2) < 1e-4
+    assert stats["weight"].item() == weight  # 1 per answer token, 5 per tag
+
+
+def test_config_refuses_unknown_keys_and_other_tag_sets(model):
+    d = model.cfg.to_dict()
+    assert "tags" not in d["prompt"] and SpeechLLMConfig.from_dict(d) == model.cfg
+    older = {**d, "prompt": {**d["prompt"], "tags": list(TAGS)}}  # config.json before the tag set was fixed
+    assert SpeechLLMConfig.from_dict(older) == model.cfg
+    with pytest.raises(ValueError, match="prompt.tags"):
+        SpeechLLMConfig.from_dict({**d, "prompt": {**d["prompt"], "tags": ["<YES>", "<NO>"]}})
+    with pytest.raises(ValueError, match="prompt.usr"):
+        SpeechLLMConfig.from_dict({**d, "prompt": {**d["prompt"], "usr": "<audio>"}})
+    with pytest.raises(ValueError, match="tag_los_weight"):
+        SpeechLLMConfig.from_dict({**d, "tag_los_weight": 2.0})
+    with pytest.raises(ValueError, match="encoder.d_modl"):
+        SpeechLLMConfig.from_dict({**d, "encoder": {**d["encoder"], "d_modl": 3}})
 
 
 def test_answer_formats(model):
@@ -136,6 +178,7 @@ def test_bf16_checkpoint(model, batch, tmp_path):
     model.save_pretrained(tmp_path)
     half = SpeechLLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert half.llm.lm_head.weight.dtype == torch.bfloat16 and half.preprocessor.fb.dtype == torch.float32
+    assert torch.equal(half.preprocessor.fb, model.preprocessor.fb)  # float32 values, not bf16 ones
     audio, lens = batch
     p16 = half.predict(audio, lens, max_new_tokens=2)[0]["probs"]
     p32 = model.predict(audio, lens, max_new_tokens=2)[0]["probs"]

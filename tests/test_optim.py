@@ -8,13 +8,14 @@ import torch
 import yaml
 
 from speechllm.audio import pad_batch
+from speechllm.config import build
 from speechllm.lora import LoRALinear, TaggedEmbedding, TaggedHead, apply_lora, merged_state_dict, train_tag_rows
 from speechllm.model import SpeechLLM, assemble
 from speechllm.optim import (apply_freeze, build_optimizer, get_lr, set_train_mode, setup_trainable,
                              trainable_table)
 from speechllm.speaker import SpeakerKernelConfig
 from speechllm.train_config import (LoRAConfig, ModelConfig, OptimConfig, SchedConfig, TrainConfig,
-                                    config_from_dict, load_config)
+                                    load_config)
 
 TEXTS = ["hello world this is a small test", "speech to text"]
 TAGS = ["<COMPLETE>", "<BACKCHANNEL>"]
@@ -186,14 +187,14 @@ def test_config_yaml_and_dotted_overrides(tmp_path):
     assert cfg.model.lora == LoRAConfig(r=16) and cfg.model.lora.target_modules == ("q_proj", "v_proj")
     assert cfg.data.train_ds.bucket_duration_bins == (2.0, 4.5) and cfg.data.train_ds.manifest_filepath == ("a.jsonl",)
     assert cfg.model.freeze_params == (r"^llm\..+$",) and cfg.trainer.gradient_clip_val == 1.0
-    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # the saved config reloads as it was
+    assert build(TrainConfig, yaml.safe_load(cfg.to_yaml())) == cfg  # the saved config reloads as it was
     for bad, match in [("trainer.max_stepz=3", "trainer.max_stepz"), ("model.lora.rank=4", "model.lora.rank"),
                        ("trainer.precision=fp16", "trainer.precision"), ("optim.lr=fast", "expected a number"),
                        ("trainer.max_steps", "key=value"), ("data.task=tts", "data.task")]:
         with pytest.raises(ValueError, match=match):
             load_config(path, [bad])
     with pytest.raises(ValueError, match="init_from"):
-        config_from_dict({"model": {}, "data": {"train_ds": {"manifest_filepath": "a"}}})
+        build(TrainConfig, {"model": {}, "data": {"train_ds": {"manifest_filepath": "a"}}})
 
 
 def test_shipped_recipes_are_seed_000s():

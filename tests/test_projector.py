@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from speechllm.projector import ProjectorConfig, build_projector
+from speechllm.projector import KINDS, ProjectorConfig, build_projector
 
 ADAPTER = dict(feat_in=16, n_layers=1, d_model=16, n_heads=2, subsampling_factor=1, subsampling_conv_channels=0,
                dropout=0.0, dropout_pre_encoder=0.0, dropout_att=0.0)
@@ -14,8 +14,7 @@ def make(kind, **kw):
     cfg = ProjectorConfig(kind=kind, in_dim=16, out_dim=24, n_layers=2, n_heads=4, hidden=32, ffn_dim=48,
                           dropout=0.0, adapter=ADAPTER if kind == "salm" else None, **kw)
     p = build_projector(cfg).eval()
-    if hasattr(p, "init_weights"):
-        p.init_weights()
+    p.init_weights()
     return p
 
 
@@ -51,6 +50,27 @@ def test_causal_projector_never_looks_ahead():
         x2[:, 8:] = torch.randn(1, 4, 16)  # frames 8.. feed LLM positions 4.. (stride 2)
         y2, _ = p(x2, torch.tensor([12]))
     assert torch.equal(y[:, :4], y2[:, :4]) and not torch.allclose(y[:, 4:], y2[:, 4:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_init_weights_follow_their_docstrings(kind):
+    """N(0, 0.02) weights, the residual outputs scaled by 1/sqrt(2 n_layers) (GPT-2), zero biases,
+    unit norms; salm: only `proj` is new (the adapter keeps PyTorch's default init, as NeMo's)."""
+    sd = make(kind).state_dict()
+    residual = 0.02 / math.sqrt(2 * 2)  # n_layers = 2
+    stds = {"conv_transformer": {"conv.weight": 0.02, "layers.0.qkv.weight": 0.02, "layers.1.fc1.weight": 0.02,
+                                 "layers.0.out.weight": residual, "layers.1.fc2.weight": residual},
+            "salm": {"proj.weight": 0.02},
+            "causal_transformer": {"in_proj.weight": 0.02, "layers.0.q_proj.weight": 0.02, "layers.1.gate_proj.weight": 0.02,
+                                   "layers.1.o_proj.weight": residual, "layers.0.down_proj.weight": residual,
+                                   "out_proj.weight": 0.02}}[kind]
+    for name, std in stds.items():
+        w = sd[name]
+        assert abs(w.std().item() / std - 1) < 0.15 and abs(w.mean().item()) < 5 * std / math.sqrt(w.numel()), name
+    own = [k for k in sd if not k.startswith("modality_adapter.")]  # salm's adapter is not re-initialised
+    assert all(sd[k].abs().sum() == 0 for k in own if k.endswith("bias"))
+    norms = [k for k in own if "norm" in k and k.endswith("weight")]
+    assert (kind == "salm" or norms) and all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in norms)
 
 
 def test_bad_configs_are_named():

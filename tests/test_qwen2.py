@@ -14,16 +14,6 @@ TOL = 1e-4  # fp32 vs transformers (eager attention): measured ~1e-5
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures):
-    return load_file(fixtures / "llm_ref.safetensors")
-
-
-@pytest.fixture(scope="module")
-def model(fixtures):
-    return Qwen2ForCausalLM.from_pretrained(fixtures / "llm_hf")
-
-
-@pytest.fixture(scope="module")
 def hf_config(fixtures):
     return json.loads((fixtures / "llm_hf" / "config.json").read_text())
 
@@ -43,8 +33,8 @@ def write_dir(path, config: dict, weights: dict | None):
 
 
 @torch.no_grad()
-def single_logits(model, ref):
-    return model(ref["single0.input_ids"])
+def single_logits(llm, llm_ref):
+    return llm(llm_ref["single0.input_ids"])
 
 
 def max_diff(a, b):
@@ -56,49 +46,49 @@ def max_diff(a, b):
 
 
 @torch.no_grad()
-def test_left_padded_batch_logits_and_hidden_states(model, ref):
-    valid = ref["batch.attention_mask"].bool()
-    logits, hidden = model(ref["batch.input_ids"], attention_mask=ref["batch.attention_mask"],
-                           position_ids=ref["batch.position_ids"], output_hidden_states=True)
-    assert logits.shape == ref["batch.logits"].shape
-    assert max_diff(logits[valid], ref["batch.logits"][valid]) < TOL
+def test_left_padded_batch_logits_and_hidden_states(llm, llm_ref):
+    valid = llm_ref["batch.attention_mask"].bool()
+    logits, hidden = llm(llm_ref["batch.input_ids"], attention_mask=llm_ref["batch.attention_mask"],
+                           position_ids=llm_ref["batch.position_ids"], output_hidden_states=True)
+    assert logits.shape == llm_ref["batch.logits"].shape
+    assert max_diff(logits[valid], llm_ref["batch.logits"][valid]) < TOL
     # The smallest top-2 margin is 0.01, so every greedy choice must agree.
-    assert torch.equal(logits[valid].argmax(-1), ref["batch.logits"][valid].argmax(-1))
-    assert len(hidden) == model.config.num_hidden_layers + 1 == ref["batch.hidden_states"].shape[0]
-    for ours, theirs in zip(hidden, ref["batch.hidden_states"]):
+    assert torch.equal(logits[valid].argmax(-1), llm_ref["batch.logits"][valid].argmax(-1))
+    assert len(hidden) == llm.config.num_hidden_layers + 1 == llm_ref["batch.hidden_states"].shape[0]
+    for ours, theirs in zip(hidden, llm_ref["batch.hidden_states"]):
         assert max_diff(ours[valid], theirs[valid]) < TOL
 
 
 @torch.no_grad()
-def test_unpadded_rows(model, ref):
+def test_unpadded_rows(llm, llm_ref):
     for key in ("single0", "single1"):
-        assert max_diff(model(ref[f"{key}.input_ids"]), ref[f"{key}.logits"]) < TOL
+        assert max_diff(llm(llm_ref[f"{key}.input_ids"]), llm_ref[f"{key}.logits"]) < TOL
 
 
 @torch.no_grad()
-def test_default_positions_with_left_padding_are_shift_invariant(model, ref):
+def test_default_positions_with_left_padding_are_shift_invariant(llm, llm_ref):
     # Without position_ids row 1's tokens sit at positions 10..23; RoPE only sees offsets, so the
     # logits equal the unpadded ones up to rounding of the different absolute angles.
-    logits = model(ref["batch.input_ids"], attention_mask=ref["batch.attention_mask"])
-    assert max_diff(logits[1, 10:], ref["single1.logits"][0]) < TOL
+    logits = llm(llm_ref["batch.input_ids"], attention_mask=llm_ref["batch.attention_mask"])
+    assert max_diff(logits[1, 10:], llm_ref["single1.logits"][0]) < TOL
 
 
 @torch.no_grad()
-def test_inputs_embeds_equal_input_ids(model, ref):
-    ids = ref["single0.input_ids"]
-    assert torch.equal(model(inputs_embeds=model.model.embed_tokens(ids)), model(ids))
+def test_inputs_embeds_equal_input_ids(llm, llm_ref):
+    ids = llm_ref["single0.input_ids"]
+    assert torch.equal(llm(inputs_embeds=llm.model.embed_tokens(ids)), llm(ids))
     with pytest.raises(ValueError, match="exactly one"):
-        model(ids, inputs_embeds=model.model.embed_tokens(ids))
+        llm(ids, inputs_embeds=llm.model.embed_tokens(ids))
 
 
 @torch.no_grad()
-def test_cached_decoding_matches_full_forward(model, ref):
-    ids, mask, pos = ref["batch.input_ids"], ref["batch.attention_mask"], ref["batch.position_ids"]
-    full = model(ids, attention_mask=mask, position_ids=pos)
-    cache = KVCache(model.config, batch_size=2, max_len=24)
-    steps = [model(ids[:, :16], attention_mask=mask[:, :16], position_ids=pos[:, :16], cache=cache)]
+def test_cached_decoding_matches_full_forward(llm, llm_ref):
+    ids, mask, pos = llm_ref["batch.input_ids"], llm_ref["batch.attention_mask"], llm_ref["batch.position_ids"]
+    full = llm(ids, attention_mask=mask, position_ids=pos)
+    cache = KVCache(llm.config, batch_size=2, max_len=24)
+    steps = [llm(ids[:, :16], attention_mask=mask[:, :16], position_ids=pos[:, :16], cache=cache)]
     for t in range(16, 24):
-        steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+        steps.append(llm(ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
                            position_ids=pos[:, t:t + 1], cache=cache))
     cached = torch.cat(steps, dim=1)
     valid = mask.bool()
@@ -106,40 +96,40 @@ def test_cached_decoding_matches_full_forward(model, ref):
     # Different kernels (SDPA on 1 query vs 24) round differently: transformers' own cached vs
     # full difference on this batch is 6e-6, ours 8e-6.
     assert max_diff(cached[valid], full[valid]) < 5e-5
-    assert max_diff(cached[valid], ref["batch.logits"][valid]) < TOL
+    assert max_diff(cached[valid], llm_ref["batch.logits"][valid]) < TOL
 
 
 @torch.no_grad()
-def test_chunked_prefill_without_mask(model, ref):
+def test_chunked_prefill_without_mask(llm, llm_ref):
     # A second multi-token chunk on top of a cache needs the offset causal mask (tril(past)).
-    ids = ref["single0.input_ids"]
-    cache = KVCache(model.config, batch_size=1, max_len=30)
-    logits = torch.cat([model(ids[:, :10], cache=cache), model(ids[:, 10:], cache=cache)], dim=1)
-    assert max_diff(logits, ref["single0.logits"]) < TOL
+    ids = llm_ref["single0.input_ids"]
+    cache = KVCache(llm.config, batch_size=1, max_len=30)
+    logits = torch.cat([llm(ids[:, :10], cache=cache), llm(ids[:, 10:], cache=cache)], dim=1)
+    assert max_diff(logits, llm_ref["single0.logits"]) < TOL
 
 
 @torch.no_grad()
-def test_kv_cache_overflow_and_reset(model, ref):
-    ids = ref["single0.input_ids"]
-    cache = KVCache(model.config, batch_size=1, max_len=24)
-    first = model(ids, cache=cache)
+def test_kv_cache_overflow_and_reset(llm, llm_ref):
+    ids = llm_ref["single0.input_ids"]
+    cache = KVCache(llm.config, batch_size=1, max_len=24)
+    first = llm(ids, cache=cache)
     with pytest.raises(ValueError, match="overflow"):
-        model(ids[:, :1], cache=cache)
+        llm(ids[:, :1], cache=cache)
     cache.reset()
-    assert torch.equal(model(ids, cache=cache), first)
+    assert torch.equal(llm(ids, cache=cache), first)
 
 
 @torch.no_grad()
-def test_bf16_close_to_fp32(fixtures, ref):
+def test_bf16_close_to_fp32(fixtures, llm_ref):
     # bf16 keeps 8 significant bits (relative step 2^-8). On this fixture, rounding only the
     # weights to bf16 (computing in fp32) already moves logits by up to 0.21 (logit std 1.5), and
     # bf16 activations are rounded again after each of ~10 matmuls: measured 0.28 max / 0.03 mean.
     # 0.5 / 0.06 leaves 2x headroom; real bugs (RoPE, mask, norm order) move logits by O(1).
-    model = Qwen2ForCausalLM.from_pretrained(fixtures / "llm_hf", dtype=torch.bfloat16)
-    assert model.lm_head.weight.dtype == torch.bfloat16
-    logits = model(ref["single0.input_ids"])
+    llm = Qwen2ForCausalLM.from_pretrained(fixtures / "llm_hf", dtype=torch.bfloat16)
+    assert llm.lm_head.weight.dtype == torch.bfloat16
+    logits = llm(llm_ref["single0.input_ids"])
     assert logits.dtype == torch.bfloat16  # transformers >= 4.46 keeps logits in the model dtype
-    err = (logits.float() - ref["single0.logits"]).abs()
+    err = (logits.float() - llm_ref["single0.logits"]).abs()
     assert err.max() < 0.5 and err.mean() < 0.06
 
 
@@ -211,20 +201,23 @@ def test_config_refuses_unsupported_variants(hf_config, change, field):
 
 
 def test_sliding_window_flag_inert_when_no_layer_uses_it(hf_config):
-    # Qwen2.5 ships use_sliding_window false; true with max_window_layers >= layers is also inert.
-    assert Qwen2Config.from_hf(hf_config | {"use_sliding_window": True, "max_window_layers": 2})
+    # Qwen2.5 ships use_sliding_window false; true with max_window_layers >= layers is also inert:
+    # the same config as without the flag.
+    plain = Qwen2Config.from_hf(hf_config)
+    for layers in (2, 5):
+        assert Qwen2Config.from_hf(hf_config | {"use_sliding_window": True, "max_window_layers": layers}) == plain
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading variants, built in tmp_path from the fixture
 
 
-def test_tied_head_shares_the_embedding(model):
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert len(list(model.parameters())) == len(model.state_dict()) - 1
+def test_tied_head_shares_the_embedding(llm):
+    assert llm.lm_head.weight is llm.model.embed_tokens.weight
+    assert len(list(llm.parameters())) == len(llm.state_dict()) - 1
 
 
-def test_sharded_checkpoint(tmp_path, model, ref, hf_config, hf_weights):
+def test_sharded_checkpoint(tmp_path, llm, llm_ref, hf_config, hf_weights):
     names = sorted(hf_weights)
     shards = {"model-00001-of-00002.safetensors": names[:10],
               "model-00002-of-00002.safetensors": names[10:]}
@@ -235,7 +228,7 @@ def test_sharded_checkpoint(tmp_path, model, ref, hf_config, hf_weights):
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
     loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(single_logits(loaded, ref), single_logits(model, ref))
+    assert torch.equal(single_logits(loaded, llm_ref), single_logits(llm, llm_ref))
 
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
@@ -254,36 +247,36 @@ def test_half_precision_weights(tmp_path, hf_config, hf_weights, stored):
         assert p.dtype == torch.float32 and torch.equal(p, source.to(stored).float()), name
 
 
-def test_v5_config(tmp_path, model, ref, hf_config, fixtures):
+def test_v5_config(tmp_path, llm, llm_ref, hf_config, fixtures):
     config = {k: v for k, v in hf_config.items() if k not in ("rope_theta", "torch_dtype")}
     config |= {"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "float32",
                "layer_types": ["full_attention"] * 2, "sliding_window": None}
     write_dir(tmp_path, config, None)
     os.symlink(fixtures / "llm_hf" / "model.safetensors", tmp_path / "model.safetensors")
-    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), ref),
-                       single_logits(model, ref))
+    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), llm_ref),
+                       single_logits(llm, llm_ref))
 
 
-def test_untied_head(tmp_path, model, ref, hf_config, hf_weights):
+def test_untied_head(tmp_path, llm, llm_ref, hf_config, hf_weights):
     # An explicit head of 2 x embedding: logits must double exactly, so the stored head is used.
     weights = hf_weights | {"lm_head.weight": 2 * hf_weights["model.embed_tokens.weight"]}
     write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, weights)
     loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(single_logits(loaded, ref), 2 * single_logits(model, ref),
+    torch.testing.assert_close(single_logits(loaded, llm_ref), 2 * single_logits(llm, llm_ref),
                                rtol=1e-6, atol=1e-6)
 
 
-def test_save_pretrained_round_trip(tmp_path, model, ref):
-    model.save_pretrained(tmp_path)
+def test_save_pretrained_round_trip(tmp_path, llm, llm_ref):
+    llm.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
     assert config["torch_dtype"] == "float32" and config["rope_theta"] == 1e6
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         assert "lm_head.weight" not in f.keys() and f.metadata() == {"format": "pt"}
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 400
-    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), ref),
-                       single_logits(model, ref))
+    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), llm_ref),
+                       single_logits(llm, llm_ref))
 
 
 def test_save_untied_bf16(tmp_path):
@@ -333,7 +326,7 @@ def test_bad_tensors_are_all_listed(tmp_path, hf_config, hf_weights):
     assert str(tmp_path) in message
     for name in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight",  # missing
                  "model.layers.2.mlp.up_proj.weight",  # unexpected
-                 "model.layers.0.self_attn.k_proj.weight: file (16, 64) vs model (32, 64)"):
+                 "model.layers.0.self_attn.k_proj.weight: checkpoint (16, 64) vs model (32, 64)"):
         assert name in message
 
 

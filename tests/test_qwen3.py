@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import stop_ids
 from speechllm import load_llm
-from speechllm.generate import generate, stop_ids
+from speechllm.generate import generate
 from speechllm.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from speechllm.tokenizer import Tokenizer, format_chat
 
@@ -343,8 +344,8 @@ def test_missing_head_dim_means_128_and_the_weights_do_not_fit(tmp_path, hf_conf
         Qwen2ForCausalLM.from_pretrained(tmp_path)
     message = str(err.value)
     assert str(tmp_path) in message and "qwen3" in message
-    assert "model.layers.0.self_attn.q_proj.weight: file (64, 64) vs model (512, 64)" in message
-    assert "model.layers.1.self_attn.k_norm.weight: file (16,) vs model (128,)" in message
+    assert "model.layers.0.self_attn.q_proj.weight: checkpoint (64, 64) vs model (512, 64)" in message
+    assert "model.layers.1.self_attn.k_norm.weight: checkpoint (16,) vs model (128,)" in message
 
 
 def test_save_pretrained_round_trip(tmp_path, model, ref):

@@ -7,14 +7,61 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+from conftest import max_valid_diff
 from speechllm.audio import pad_batch
 from speechllm.convert import ConversionError, remap
 from speechllm.model import SpeechLLM
-from speechllm.salm import (SALM_KEYS, encode_prompt, greedy_generate, left_pad, load_salm, load_state, logits,
-                            prepare_inputs)
+from speechllm.generate import Generation, generate
+from speechllm.salm import SALM_KEYS, load_salm, load_state
 
 TOL = 1e-4
 CASES = ("single", "batch")
+
+
+# Running the imported model the way SALM does:
+#   prompt ids (B, L_tok), one audio tag each, left-padded --prepare_inputs--> (B, L, D), mask (B, L)
+#   --logits--> (B, L, V)          SALM.forward
+#   --greedy_generate--> (B, n)    SALM.generate: greedy, KV cache, stops at the tokenizer's eos
+
+def encode_prompt(model: SpeechLLM, text: str) -> list[int]:
+    """One user turn in the qwen format, ending with the assistant prefix, as ids."""
+    return model.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Token rows -> (B, L_tok) left-padded with pad_id (NeMo's left_collate_vectors)."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+
+
+def prepare_inputs(model: SpeechLLM, prompt_ids: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor):
+    """prompt_ids (B, L_tok) left-padded with the pad id, one audio tag per row; audio (B, N), lengths (B,)
+    -> inputs_embeds (B, L, D) left-padded with zeros, attention_mask (B, L) bool."""
+    audio_embeds, audio_lens = model.embed_audio(audio, lengths)  # (B, T', D)
+    pad = model.tokenizer.pad_id
+    rows = []
+    for ids in prompt_ids.tolist():
+        lead = next((i for i, t in enumerate(ids) if t != pad), len(ids))
+        rows.append(ids[lead:])  # SALM strips the leading pads only
+    inputs, mask, _ = model.splice(audio_embeds, audio_lens, rows)
+    return inputs, mask
+
+
+def logits(model: SpeechLLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids=None):
+    """SALM.forward: logits (B, L, V) at every position. position_ids None counts 0..L-1 through the
+    left padding, as HF does when SALM passes none."""
+    return model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def greedy_generate(model: SpeechLLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                    max_new_tokens: int = 128) -> Generation:
+    """SALM.generate after splicing: greedy with the KV cache; a row stops at the tokenizer's eos
+    (SALM's GenerationConfig; not <|im_end|>) and is padded with the pad id. Returns the new
+    tokens (B, n) and their raw logits (B, n, V)."""
+    tok = model.tokenizer
+    return generate(model.llm, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens, eos_ids=[tok.token_to_id(tok.eos_token)],
+                    pad_id=tok.pad_id, return_scores=True)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +126,11 @@ def test_perception_encoder_adapter_and_proj(model, ref, ref_json, fixtures, cas
     with torch.no_grad():
         x, lens = model.encoder(*model.preprocessor(audio, lengths))  # (B, T', 64)
         assert torch.equal(lens, ref[f"{case}.encoded_length"])
-        assert max_valid(x, ref[f"{case}.encoder_output"].transpose(1, 2), lens) < TOL
+        assert max_valid_diff(x, ref[f"{case}.encoder_output"].transpose(1, 2), lens) < TOL
         x, lens = model.projector.modality_adapter(x.transpose(1, 2), lens)
-        assert max_valid(x, ref[f"{case}.adapter_output"].transpose(1, 2), lens) < TOL
+        assert max_valid_diff(x, ref[f"{case}.adapter_output"].transpose(1, 2), lens) < TOL
         x = model.projector.proj(x)
-        assert max_valid(x, ref[f"{case}.audio_embeds"], lens) < TOL
+        assert max_valid_diff(x, ref[f"{case}.audio_embeds"], lens) < TOL
         embeds, lens2 = model.embed_audio(audio, lengths)
     assert torch.equal(embeds, x) and torch.equal(lens2, lens)
 
@@ -148,7 +195,3 @@ def test_save_and_reload_keeps_logits(model, spliced, tmp_path):
     with torch.no_grad():
         assert torch.equal(logits(again, inputs, mask), logits(model, inputs, mask))
 
-
-def max_valid(x, y, lengths):
-    """Largest |x - y| over each row's first lengths[i] frames; x, y (B, T, D)."""
-    return max((x[i, :n] - y[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))

@@ -1,29 +1,22 @@
 """SortFormer against NeMo 3.0.0 (diar_sortformer.nemo): every stage run by run, segments, RTTM,
 checkpoints and bad archives. Run: python -m pytest -q tests/test_sortformer.py"""
-import io
 import json
-import tarfile
 
 import pytest
 import soundfile as sf
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from conftest import max_valid_diff, rewrite_nemo
+from speechllm.activity import probs_to_segments
 from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
 from speechllm.convert import NEMO_SORTFORMER_KEYS, ConversionError, NemoArchive, dropped_keys
 from speechllm.fastconformer import make_pad_mask
-from speechllm.sortformer import SortFormer, format_rttm, peak_scale, probs_to_segments
-from speechllm.speaker import read_rttm
+from speechllm.sortformer import SortFormer, peak_scale
 
 TOL = 1e-4
 RUNS = {"batch": [0, 1], "single0": [0], "single1": [1]}  # indices into the JSON's batch_clips
-
-
-@pytest.fixture(scope="module")
-def model(fixtures):
-    return SortFormer.from_nemo(fixtures / "diar_sortformer.nemo")
 
 
 @pytest.fixture(scope="module")
@@ -42,31 +35,28 @@ def inputs(fixtures, ref_json, run):
     return pad_batch(clips)
 
 
-def max_valid_diff(a, b, lengths):
-    return max((a[i, :n] - b[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))
-
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_every_stage_matches_nemo(model, ref, ref_json, fixtures, run):
+def test_every_stage_matches_nemo(diarizer, ref, ref_json, fixtures, run):
     audio, lengths = inputs(fixtures, ref_json, run)
     assert lengths.tolist() == ref[f"{run}.input_signal_length"].tolist()
-    assert peak_scale(audio, model.cfg.eps).item() == ref[f"{run}.peak_scale"].item()
+    assert peak_scale(audio, diarizer.cfg.eps).item() == ref[f"{run}.peak_scale"].item()
     with torch.no_grad():
-        feats, feat_lens = model.features(audio, lengths)
+        feats, feat_lens = diarizer.features(audio, lengths)
         assert feat_lens.tolist() == ref[f"{run}.features_length"].tolist()
         assert feats.shape[-1] == ref_json["runs"][run]["features_frames_fed_to_encoder"]
         if run == "batch":  # stored for the batch only
             assert max_valid_diff(feats.transpose(1, 2), ref["batch.features"].transpose(1, 2), feat_lens) < TOL
-        x, enc_lens = model.encoder(feats, feat_lens)
+        x, enc_lens = diarizer.encoder(feats, feat_lens)
         assert enc_lens.tolist() == ref[f"{run}.encoded_length"].tolist()
         assert max_valid_diff(x, ref[f"{run}.encoder_output"].transpose(1, 2), enc_lens) < TOL
-        x = model.sortformer_modules.encoder_proj(x)
+        x = diarizer.sortformer_modules.encoder_proj(x)
         assert max_valid_diff(x, ref[f"{run}.encoder_proj"], enc_lens) < TOL
-        x = model.transformer_encoder(x, ~make_pad_mask(enc_lens, x.shape[1]))
+        x = diarizer.transformer_encoder(x, ~make_pad_mask(enc_lens, x.shape[1]))
         assert max_valid_diff(x, ref[f"{run}.transformer_output"], enc_lens) < TOL
-        logits = model.sortformer_modules.speaker_logits(x)
+        logits = diarizer.sortformer_modules.speaker_logits(x)
         assert max_valid_diff(logits, ref[f"{run}.spk_logits"], enc_lens) < TOL
-    probs, lens = model.diarize(audio, lengths)
+    probs, lens = diarizer.diarize(audio, lengths)
     assert lens.tolist() == ref[f"{run}.encoded_length"].tolist()
     assert probs.shape == ref[f"{run}.preds"].shape
     assert (probs - ref[f"{run}.preds"]).abs().max().item() < TOL  # padded frames included
@@ -74,18 +64,18 @@ def test_every_stage_matches_nemo(model, ref, ref_json, fixtures, run):
         assert torch.all(probs[i, n:] == 0.0)
 
 
-def test_batch_peak_scale_couples_items_as_in_nemo(model, ref_json, fixtures):
+def test_batch_peak_scale_couples_items_as_in_nemo(diarizer, ref_json, fixtures):
     """audio_1 alone is scaled by its own peak, in the batch by audio_2spk's: its output moves by
     about what NeMo's moved (the JSON records the upstream difference)."""
-    batch, _ = model.diarize(*inputs(fixtures, ref_json, "batch"))
-    single, lens = model.diarize(*inputs(fixtures, ref_json, "single1"))
+    batch, _ = diarizer.diarize(*inputs(fixtures, ref_json, "batch"))
+    single, lens = diarizer.diarize(*inputs(fixtures, ref_json, "single1"))
     ours = (batch[1, : lens[0]] - single[0, : lens[0]]).abs().max().item()
     upstream = ref_json["batch_vs_single_upstream"][1]["max_abs_diff_preds"]
     assert ours > 1e-5 and abs(ours - upstream) < TOL
 
 
 @pytest.mark.parametrize("run", ["single0", "single1"])
-def test_segments_match_nemo_postprocessing(model, ref, ref_json, fixtures, run):
+def test_segments_match_nemo_postprocessing(diarizer, ref, ref_json, fixtures, run):
     clip = ref_json["batch_clips"][RUNS[run][0]]
     expected = ref_json["diarize_api"]["segments_default_postprocessing"][clip]
     n = ref[f"{run}.encoded_length"][0]
@@ -95,39 +85,17 @@ def test_segments_match_nemo_postprocessing(model, ref, ref_json, fixtures, run)
         return [f"{start:.3f} {end:.3f} {spk}" for start, end, spk in segments]
 
     assert nemo_lines(probs_to_segments(ref[f"{run}.preds"][0, :n])) == expected
-    probs, lens = model.diarize(*inputs(fixtures, ref_json, run))
+    probs, lens = diarizer.diarize(*inputs(fixtures, ref_json, run))
     assert nemo_lines(probs_to_segments(probs[0, : lens[0]])) == expected
 
 
-def test_probs_to_segments_threshold_and_min_duration():
-    probs = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.2, 0.7], [0.1, 0.8], [0.7, 0.9]])  # (T=5, S=2)
-    assert probs_to_segments(probs) == [(0.0, 0.16, "speaker_0"), (0.16, 0.4, "speaker_1"), (0.32, 0.4, "speaker_0")]
-    assert probs_to_segments(probs, threshold=0.65) == [(0.0, 0.08, "speaker_0"), (0.16, 0.4, "speaker_1"),
-                                                        (0.32, 0.4, "speaker_0")]
-    assert probs_to_segments(probs, min_duration=0.1) == [(0.0, 0.16, "speaker_0"), (0.16, 0.4, "speaker_1")]
-    assert probs_to_segments(probs, frame_s=0.5)[0] == (0.0, 1.0, "speaker_0")
-    assert probs_to_segments(torch.zeros(7, 4)) == []
-
-
-def test_rttm_round_trip(tmp_path):
-    segments = [(0.0, 0.16, "speaker_0"), (0.16, 2.4, "speaker_1"), (1.04, 1.6, "speaker_0")]
-    text = format_rttm(segments, "mix_01")
-    assert text.splitlines()[1] == "SPEAKER mix_01 1 0.160 2.240 <NA> <NA> speaker_1 <NA> <NA>"
-    (tmp_path / "mix.rttm").write_text(text)
-    back = read_rttm(tmp_path / "mix.rttm")["mix_01"]
-    assert [spk for _, _, spk in back] == [spk for _, _, spk in segments]
-    assert torch.allclose(torch.tensor([s[:2] for s in back]), torch.tensor([s[:2] for s in segments]), atol=1e-6)
-    with pytest.raises(ValueError, match="whitespace"):
-        format_rttm(segments, "two words")
-
-
-def test_save_and_load_pretrained_round_trip(model, ref_json, fixtures, tmp_path):
-    model.save_pretrained(tmp_path)
+def test_save_and_load_pretrained_round_trip(diarizer, ref_json, fixtures, tmp_path):
+    diarizer.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "sortformer"
     again = SortFormer.from_pretrained(tmp_path)
     audio, lengths = inputs(fixtures, ref_json, "batch")
-    a, _ = model.diarize(audio, lengths)
+    a, _ = diarizer.diarize(audio, lengths)
     b, _ = again.diarize(audio, lengths)
     assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -137,22 +105,6 @@ def test_save_and_load_pretrained_round_trip(model, ref_json, fixtures, tmp_path
 # ----------------------------------------------------------------------------------------------
 # bad archives
 
-
-def rewrite_nemo(src, dst, config=None, state=None):
-    """A copy of a two-member .nemo with its config dict and/or state dict replaced."""
-    archive = NemoArchive(src)
-    config = archive.config if config is None else config
-    state = archive.state_dict() if state is None else state
-    archive.close()
-    weights = io.BytesIO()
-    torch.save(state, weights)
-    with tarfile.open(dst, "w:") as tar:
-        for name, data in (("./model_config.yaml", yaml.safe_dump(config).encode()),
-                           ("./model_weights.ckpt", weights.getvalue())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return dst
 
 
 def test_unused_head_is_dropped_by_name(fixtures):

@@ -1,29 +1,20 @@
 """Speaker kernels against NeMo 3.0.0's EncDecMultiTalkerRNNTBPEModel (asr_spk_kernel.nemo) through
-ASRModel.encode, and the RTTM / segment -> mask helpers. Run: python -m pytest -q tests/test_speaker.py"""
-import io
+ASRModel.encode. Run: python -m pytest -q tests/test_speaker.py"""
 import json
 import logging
-import tarfile
 
 import pytest
-import soundfile as sf
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from conftest import rewrite_nemo
 from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
 from speechllm.convert import NemoArchive
 from speechllm.fastconformer import FastConformerConfig
-from speechllm.speaker import (SpeakerKernelConfig, batch_target_masks, build_kernels, fit_mask, init_weights,
-                               kernel_hook, masks_from_probs, read_rttm, speaker_activity, target_masks)
+from speechllm.speaker import SpeakerKernelConfig, build_kernels, fit_mask, init_weights, kernel_hook
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def model(fixtures):
-    return ASRModel.from_nemo(fixtures / "asr_spk_kernel.nemo")
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +23,12 @@ def ref(fixtures):
 
 
 @pytest.fixture(scope="module")
-def clips(fixtures):
-    names = json.loads((fixtures / "asr_spk_kernel_ref.json").read_text())["batch_clips"]
-    return [sf.read(fixtures / name, dtype="float32")[0] for name in names]
-
-
-@pytest.fixture(scope="module")
-def batch(model, clips):
+def batch(spk_asr, spk_clips):
     with torch.no_grad():
-        return model.features(*pad_batch(clips))
+        return spk_asr.features(*pad_batch(spk_clips))
 
 
-def max_valid_diff(a, b, lengths):
+def max_relative_diff(a, b, lengths):
     """Largest error over valid frames, relative where |b| > 1: the kernel-0 input (the subsampling
     output) reaches |x| = 90, where fp32 itself is 8e-6 apart; NeMo's fp32 value there is 1.2e-4
     from a float64 recomputation of ours, on any CPU, so an absolute 1e-4 passed or failed with the
@@ -53,43 +38,43 @@ def max_valid_diff(a, b, lengths):
 
 
 @pytest.mark.parametrize("case", ["spk", "nospk", "allones", "short"])
-def test_encode_matches_nemo(model, ref, batch, case):
+def test_encode_matches_nemo(spk_asr, ref, batch, case):
     s, g = ref.get(f"{case}.spk_targets"), ref.get(f"{case}.bg_spk_targets")  # None for nospk
     with torch.no_grad():
-        x, lengths = model.encode(*batch, spk_targets=s, bg_spk_targets=g)
+        x, lengths = spk_asr.encode(*batch, spk_targets=s, bg_spk_targets=g)
     assert lengths.tolist() == ref["batch.encoded_length"].tolist()
-    assert max_valid_diff(x, ref[f"{case}.encoder_output"].transpose(1, 2), lengths) < TOL
+    assert max_relative_diff(x, ref[f"{case}.encoder_output"].transpose(1, 2), lengths) < TOL
 
 
 @pytest.mark.parametrize("i", [0, 1])
-def test_single_clip_matches_nemo(model, ref, clips, i):
+def test_single_clip_matches_nemo(spk_asr, ref, spk_clips, i):
     case = f"single{i}.spk"
     with torch.no_grad():
-        feats, feat_lens = model.features(*pad_batch([clips[i]]))
-        x, lengths = model.encode(feats, feat_lens, ref[f"{case}.spk_targets"], ref[f"{case}.bg_spk_targets"])
+        feats, feat_lens = spk_asr.features(*pad_batch([spk_clips[i]]))
+        x, lengths = spk_asr.encode(feats, feat_lens, ref[f"{case}.spk_targets"], ref[f"{case}.bg_spk_targets"])
     assert lengths.tolist() == ref[f"{case}.encoded_length"].tolist()
-    assert max_valid_diff(x, ref[f"{case}.encoder_output"].transpose(1, 2), lengths) < TOL
+    assert max_relative_diff(x, ref[f"{case}.encoder_output"].transpose(1, 2), lengths) < TOL
 
 
 @pytest.mark.parametrize("case", ["spk", "nospk"])
-def test_kernel_inputs_and_outputs_match_nemo(model, ref, batch, case):
+def test_kernel_inputs_and_outputs_match_nemo(spk_asr, ref, batch, case):
     s, g = ref.get(f"{case}.spk_targets"), ref.get(f"{case}.bg_spk_targets")
-    hook, seen = kernel_hook(model.spk_kernels, model.bg_spk_kernels, s, g), {}
+    hook, seen = kernel_hook(spk_asr.spk_kernels, spk_asr.bg_spk_kernels, s, g), {}
 
     def recording_hook(i, x, lengths):
         seen[i] = (x, hook(i, x, lengths))
         return seen[i][1]
 
     with torch.no_grad():
-        _, lengths = model.encoder(*batch, layer_hook=recording_hook)
+        _, lengths = spk_asr.encoder(*batch, layer_hook=recording_hook)
     for layer in (0, 1):
         x_in, x_out = seen[layer]
-        assert max_valid_diff(x_in, ref[f"{case}.kernel{layer}_in"], lengths) < TOL
-        assert max_valid_diff(x_out, ref[f"{case}.kernel{layer}_out"], lengths) < TOL
+        assert max_relative_diff(x_in, ref[f"{case}.kernel{layer}_in"], lengths) < TOL
+        assert max_relative_diff(x_out, ref[f"{case}.kernel{layer}_out"], lengths) < TOL
     if case == "nospk":  # single-speaker mode: layer 0 adds K_spk(x) + K_bg(0), layer 1 nothing
         x_in, x_out = seen[0]
         with torch.no_grad():
-            expected = x_in + model.spk_kernels["0"](x_in) + model.bg_spk_kernels["0"](torch.zeros_like(x_in))
+            expected = x_in + spk_asr.spk_kernels["0"](x_in) + spk_asr.bg_spk_kernels["0"](torch.zeros_like(x_in))
         assert torch.allclose(x_out, expected, atol=1e-6)
         assert seen[1][0] is seen[1][1]
 
@@ -124,8 +109,8 @@ def test_multitalker_import_reports_rnnt_and_has_no_ctc_head(fixtures, caplog):
         model.transcribe(torch.zeros(16000))
 
 
-def test_save_and_load_pretrained_keeps_kernels(model, ref, batch, tmp_path):
-    model.save_pretrained(tmp_path)
+def test_save_and_load_pretrained_keeps_kernels(spk_asr, ref, batch, tmp_path):
+    spk_asr.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["vocab_size"] is None
     assert cfg["speaker_kernels"] == {"layers": [0, 1], "hidden_size": 32, "background": True, "dropout": 0.5}
@@ -133,38 +118,27 @@ def test_save_and_load_pretrained_keeps_kernels(model, ref, batch, tmp_path):
     again = ASRModel.from_pretrained(tmp_path)
     s, g = ref["spk.spk_targets"], ref["spk.bg_spk_targets"]
     with torch.no_grad():
-        assert torch.equal(model.encode(*batch, s, g)[0], again.encode(*batch, s, g)[0])
+        assert torch.equal(spk_asr.encode(*batch, s, g)[0], again.encode(*batch, s, g)[0])
 
 
-def test_plain_ctc_model_has_no_kernels(fixtures, batch):
-    model = ASRModel.from_nemo(fixtures / "asr_ctc.nemo")
+def test_plain_ctc_model_has_no_kernels(asr, batch):
+    model = asr
     assert "speaker_kernels" not in model.cfg.to_dict()
     assert not any("spk_kernels" in k for k in model.state_dict())
     with pytest.raises(ValueError, match="no speaker kernels"):
         model.encode(*batch, spk_targets=torch.ones(2, 51))
 
 
-def test_ctc_archive_with_kernels_imports_them(fixtures, batch, tmp_path):
+def test_ctc_archive_with_kernels_imports_them(fixtures, asr, batch, tmp_path):
     """A CTC model carrying kernels (the project's own checkpoints may): kernel at layer 1 only, no
     background kernel. With no targets it does nothing, as NeMo's hooks for layers > 0."""
     src = NemoArchive(fixtures / "asr_ctc.nemo")
     cfg = {**src.config, "spk_kernel_type": "ff", "spk_kernel_layers": [1], "add_bg_spk_kernel": False}
     kernels = {"spk_kernels.1.0.weight": torch.randn(64, 64) * 0.1, "spk_kernels.1.0.bias": torch.randn(64),
                "spk_kernels.1.3.weight": torch.randn(64, 64) * 0.1, "spk_kernels.1.3.bias": torch.randn(64)}
-    state = {**src.state_dict(), **kernels}
-    weights = io.BytesIO()
-    torch.save(state, weights)
-    dst = tmp_path / "ctc_spk.nemo"
-    with tarfile.open(fixtures / "asr_ctc.nemo") as tin, tarfile.open(dst, "w:") as tout:
-        for m in tin.getmembers():
-            if m.isfile() and not m.name.endswith(("model_config.yaml", "model_weights.ckpt")):
-                tout.addfile(m, tin.extractfile(m))
-        for name, data in (("model_config.yaml", yaml.safe_dump(cfg).encode()), ("model_weights.ckpt", weights.getvalue())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tout.addfile(info, io.BytesIO(data))
+    dst = rewrite_nemo(fixtures / "asr_ctc.nemo", tmp_path / "ctc_spk.nemo", cfg, {**src.state_dict(), **kernels})
     model = ASRModel.from_nemo(dst)
-    plain = ASRModel.from_nemo(fixtures / "asr_ctc.nemo")
+    plain = asr
     assert model.bg_spk_kernels is None
     assert torch.equal(model.state_dict()["spk_kernels.1.3.bias"], kernels["spk_kernels.1.3.bias"])
     feats, lens = batch[0][:, :80], batch[1]  # asr_ctc.nemo has 80 mels too
@@ -202,83 +176,3 @@ def test_speaker_kernel_config_checks():
         build_kernels(SpeakerKernelConfig(layers=(0, 2)), 32, 2)
     cfg = SpeakerKernelConfig(layers=(3, 5), background=False)
     assert SpeakerKernelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# activity masks from RTTM and segments
-
-# audio_2spk.wav (diar_sortformer_ref.json "mix"): A 0.1 - 2.222875 s, B 1.672875 - 3.9079375 s.
-MIX_RTTM = """;; two espeak voices
-SPKR-INFO mix 1 <NA> <NA> <NA> unknown B <NA> <NA>
-SPEAKER mix 1 1.672875 2.2350625 <NA> <NA> B <NA> <NA>
-SPEAKER mix 1 0.100 2.122875 <NA> <NA> A <NA> <NA>
-
-SPEAKER other 1 0.5 1.0 <NA> <NA> C <NA> <NA>
-"""
-MIX_DURATION = 64927 / 16000
-
-
-def test_read_rttm(tmp_path):
-    (tmp_path / "a.rttm").write_text(MIX_RTTM)
-    got = read_rttm(tmp_path / "a.rttm")
-    assert list(got) == ["mix", "other"]
-    assert [spk for _, _, spk in got["mix"]] == ["B", "A"]
-    assert got["mix"][1][0] == 0.1 and abs(got["mix"][1][1] - 2.222875) < 1e-9
-    assert got["other"] == [(0.5, 1.5, "C")]
-    (tmp_path / "b.rttm").write_text("SPEAKER x 1 0.0 1.0 <NA> <NA> A <NA> <NA>\n\nSPEAKER x 1 zero\n")
-    with pytest.raises(ValueError, match="b.rttm:3"):
-        read_rttm(tmp_path / "b.rttm")
-
-
-def test_activity_follows_nemo_training_labels():
-    # A segment from frame 2's start to frame 5's start covers cells 16..39 of the 10 ms grid. Frame i
-    # averages cells 8i-5 .. 8i+3: frame 2 sees 4/9 of them active, 3 and 4 all, 5 sees 5/9.
-    act, speakers = speaker_activity([(0.16, 0.40, "A")], 8)
-    assert speakers == ["A"] and act[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
-    soft, _ = speaker_activity([(0.16, 0.40, "A")], 8, soft=True)
-    assert torch.allclose(soft[0], torch.tensor([0, 0, 4 / 9, 1, 1, 5 / 9, 0, 0]))
-    # Frame 0 averages cells 0..3 only; the last frame cells 51..69, to the end of the audio. 0.58 s
-    # is cell 57, not 58: NeMo floors 0.58 * 100 = 57.99999999999999.
-    soft, _ = speaker_activity([(0.0, 0.03, "A"), (0.58, 0.7, "B")], 8, duration=0.7, soft=True)
-    assert torch.allclose(soft[:, 0], torch.tensor([3 / 4, 0])) and torch.allclose(soft[1, 7], torch.tensor(13 / 19))
-    # Speakers come in order of first onset, whatever the order of the segments.
-    _, speakers = speaker_activity([(1.0, 2.0, "late"), (0.5, 0.6, "early"), (0.0, 0.1, "late")], 30)
-    assert speakers == ["late", "early"]
-
-
-def test_target_masks_for_the_two_speaker_mix(tmp_path):
-    (tmp_path / "mix.rttm").write_text(MIX_RTTM)
-    segments = read_rttm(tmp_path / "mix.rttm")["mix"]
-    s, g = target_masks(segments, "A", 51, MIX_DURATION)
-    assert s.nonzero().flatten().tolist() == list(range(2, 28))
-    assert g.nonzero().flatten().tolist() == list(range(21, 49))
-    s_b, g_b = target_masks(segments, "B", 51, MIX_DURATION)
-    assert torch.equal(s_b, g) and torch.equal(g_b, s)
-    s_c, g_c = target_masks(segments, "C", 51, MIX_DURATION)  # absent: silent target, both others background
-    assert s_c.sum() == 0 and torch.equal(g_c, torch.maximum(s, g))
-
-
-def test_batch_masks_drive_encode_like_single_clips(model, clips, batch, tmp_path):
-    """Masks for the fixture's batch come out as NeMo's do: (B, T_enc of the longest), one value per
-    80 ms frame, the shorter row padded; batch rows then encode as each clip alone."""
-    (tmp_path / "mix.rttm").write_text(MIX_RTTM)
-    mix = read_rttm(tmp_path / "mix.rttm")["mix"]
-    other = [(0.2, 0.9, "X"), (0.8, 1.5, "Y")]  # made-up turns for audio_1.wav (1.61 s)
-    lengths = [51, 21]
-    s, g = batch_target_masks([mix, other], ["B", "X"], lengths, [MIX_DURATION, len(clips[1]) / 16000])
-    assert s.shape == g.shape == (2, 51) and s[1, 21:].sum() == 0 and g[1, 21:].sum() == 0
-    assert torch.equal(s[0], target_masks(mix, "B", 51, MIX_DURATION)[0])
-    with torch.no_grad():
-        x, enc_lens = model.encode(*batch, s, g)
-        assert enc_lens.tolist() == lengths
-        for i, n in enumerate(lengths):
-            xi, _ = model.encode(*model.features(*pad_batch([clips[i]])), s[i:i + 1, :n], g[i:i + 1, :n])
-            assert (x[i, :n] - xi[0, :n]).abs().max() < 1e-5
-
-
-def test_masks_from_diarizer_probs():
-    probs = torch.tensor([[[0.9, 0.2, 0.1], [0.4, 0.7, 0.0], [0.6, 0.1, 0.55]]])  # (B=1, T=3, S=3)
-    s, g = masks_from_probs(probs, 0)
-    assert torch.equal(s, probs[..., 0]) and g.tolist() == [[0, 1, 1]]
-    s, g = masks_from_probs(probs, 2, binary=True)
-    assert s.tolist() == [[0, 0, 1]] and g.tolist() == [[1, 1, 1]]

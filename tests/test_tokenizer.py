@@ -8,7 +8,11 @@ import tokenizers
 import torch
 
 from speechllm.qwen2 import Qwen2ForCausalLM
-from speechllm.tokenizer import Tokenizer, fit_embeddings, format_chat
+from speechllm.tokenizer import AUDIO, TAGS, Tokenizer, fit_embeddings, format_chat
+
+
+def tag_ids(tok) -> dict[str, int]:
+    return {tag: tok.token_to_id(tag) for tag in TAGS}
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +46,21 @@ def test_chat_format(tok, ref):
     closed = format_chat(messages + [{"role": "assistant", "content": "ok"}],
                          add_generation_prompt=False)
     assert closed.endswith("<|im_start|>assistant\nok<|im_end|>\n")
-    assert tok.encode_chat([{"role": "system", "content": "x"}])[:1] == [tok.im_start_id]
+    assert tok.encode_chat([{"role": "system", "content": "x"}])[:1] == [tok.token_to_id("<|im_start|>")]
 
 
 def test_qwen_special_ids(tok, ref):
     ids = ref["special_token_ids"]
-    assert (tok.im_start_id, tok.im_end_id) == (ids["<|im_start|>"], ids["<|im_end|>"])
-    assert (tok.im_start_id, tok.im_end_id) == (401, 402)
+    assert (tok.token_to_id("<|im_start|>"), tok.im_end_id) == (ids["<|im_start|>"], ids["<|im_end|>"])
+    assert (tok.token_to_id("<|im_start|>"), tok.im_end_id) == (401, 402)
     assert tok.eos_ids == [ref["eos_token_id"], ref["im_end_id"]] == [400, 402]
     assert tok.pad_id == 400  # tokenizer_config.json: pad_token <|endoftext|>
 
 
 def test_speech_tokens_appended_after_vocabulary(tok, ref):
     assert ref["tokenizer_size"] == 403
-    assert tok.audio_id == 403
-    assert tok.tag_ids == {"<COMPLETE>": 404, "<INCOMPLETE>": 405, "<BACKCHANNEL>": 406}
+    assert tok.token_to_id(AUDIO) == 403
+    assert tag_ids(tok) == {"<COMPLETE>": 404, "<INCOMPLETE>": 405, "<BACKCHANNEL>": 406}
     assert len(tok) == 407
     ids = tok.encode("hi <audio> there <COMPLETE>")
     assert ids.count(403) == 1 and ids[-1] == 404
@@ -69,7 +73,7 @@ def test_speech_tokens_skip_used_ids(fixtures):
     raw.add_special_tokens(["<|extra|>"])  # takes 403
     tok = Tokenizer(raw)
     assert tok.token_to_id("<|extra|>") == 403
-    assert tok.audio_id == 404 and list(tok.tag_ids.values()) == [405, 406, 407]
+    assert tok.token_to_id(AUDIO) == 404 and list(tag_ids(tok).values()) == [405, 406, 407]
 
 
 def test_save_and_reload_keeps_ids(tmp_path, tok):
@@ -79,7 +83,7 @@ def test_save_and_reload_keeps_ids(tmp_path, tok):
     assert added["<audio>"] == 403 and added["<BACKCHANNEL>"] == 406
     again = Tokenizer.from_pretrained(tmp_path)  # adding the speech tokens again is a no-op
     assert len(again) == len(tok) == 407
-    assert again.tag_ids == tok.tag_ids and again.eos_ids == tok.eos_ids and again.pad_id == 400
+    assert tag_ids(again) == tag_ids(tok) and again.eos_ids == tok.eos_ids and again.pad_id == 400
     text = "<|im_start|>user\n<audio> café<|im_end|>"
     assert again.encode(text) == tok.encode(text)
 

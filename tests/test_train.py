@@ -3,7 +3,6 @@ Run: python -m pytest -q tests/test_train.py
 
 Single-process runs call train.main in this process; two-process runs launch
 `python -m torch.distributed.run --standalone --nproc_per_node 2 train.py` (gloo)."""
-import importlib.util
 import json
 import os
 import shutil
@@ -19,14 +18,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import ROOT, load_script
 from speechllm import checkpoint
 from speechllm.audio import pad_batch
 from speechllm.model import SpeechLLM
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+train = load_script("train")
 
 TEXTS = ["hello world", "speech to text", "yeah", "this is a small test", "so i was", "okay", "speech to", "world this is"]
 LABELS = ["COMPLETE", "INCOMPLETE", "BACKCHANNEL", "COMPLETE", "INCOMPLETE", "BACKCHANNEL", "INCOMPLETE", "COMPLETE"]
@@ -187,13 +184,18 @@ def uninterrupted(tmp_path_factory, fixtures):
     return config, root
 
 
+def resume_from_step_2(config: Path, full: Path, out: Path) -> float:
+    """Copy full/step_2 into a fresh out, resume there to step 4 -> max |dparam| against full/step_4."""
+    out.mkdir()
+    shutil.copytree(full / "step_2", out / "step_2")
+    assert run("--config", config, f"trainer.out_dir={out}", "--resume", "auto") == 0
+    return max_diff(weights(full / "step_4"), weights(out / "step_4"))
+
+
 def test_resume_from_step_k_equals_the_uninterrupted_run(uninterrupted):
     config, root = uninterrupted
     out = root / "resumed"
-    out.mkdir()
-    shutil.copytree(root / "full" / "step_2", out / "step_2")
-    assert run("--config", config, f"trainer.out_dir={out}", "--resume", "auto") == 0
-    err = max_diff(weights(root / "full" / "step_4"), weights(out / "step_4"))
+    err = resume_from_step_2(config, root / "full", out)
     print(f"resume at step 2 vs uninterrupted, step 4: max |dparam| = {err:.2e}")
     assert err <= 1e-6
     # the optimizer moments too
@@ -213,10 +215,7 @@ def test_resume_with_lora_tag_rows_and_speaker_kernels(tmp_path, fixtures):
                           trainer={"precision": "fp32", "max_steps": 4, "save_every_n_steps": 2})
     assert run("--config", config) == 0
     out = tmp_path / "resumed"
-    out.mkdir()
-    shutil.copytree(tmp_path / "full" / "step_2", out / "step_2")
-    assert run("--config", config, f"trainer.out_dir={out}", "--resume", "auto") == 0
-    err = max_diff(weights(tmp_path / "full" / "step_4"), weights(out / "step_4"))
+    err = resume_from_step_2(config, tmp_path / "full", out)
     print(f"Stage 2 with adapters, resume at step 2 vs uninterrupted: max |dparam| = {err:.2e}")
     assert err <= 1e-6
     extra = checkpoint.load_state(out / "step_4")["model_extra"]
@@ -390,7 +389,8 @@ def test_config_errors_and_help(tmp_path, fixtures, capsys):
 def test_default_target_speaker_is_the_one_talking_when_talk_stops(fixtures):
     """Training picks the same speaker as infer.py's --target-speaker auto: B, who talks last."""
     from speechllm.model import assemble
-    from speechllm.speaker import SpeakerKernelConfig, target_masks
+    from speechllm.activity import target_masks
+    from speechllm.speaker import SpeakerKernelConfig
 
     model = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", speaker=SpeakerKernelConfig(layers=(0,)))
     segs = [[0.0, 0.6, "A"], [0.5, 1.3, "B"]]
