@@ -318,6 +318,32 @@ class Qwen2DecoderLayer(nn.Module):
 # The model
 
 
+def embed_inputs(embed_tokens, input_ids, inputs_embeds, position_ids, cache):
+    """The forward's inputs: embeddings (B, L, D) from ids or as given, position ids defaulting to
+    arange(cached, cached + L) for every row, and the number of cached positions."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    h = inputs_embeds if input_ids is None else embed_tokens(input_ids)
+    past = cache.length if cache is not None else 0
+    if position_ids is None:
+        B, L, _ = h.shape
+        position_ids = torch.arange(past, past + L, device=h.device).expand(B, L)
+    return h, position_ids, past
+
+
+def take_weights(model, state: dict, path: Path):
+    """Fill a meta-device LLM from a full state dict (lm_head.weight absent when tied) and read
+    the directory's generation_config.json; shared by the Qwen2/Qwen3 and Qwen3.5 readers."""
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()  # assign=True wraps each key in its own Parameter: re-share
+    if (path / "generation_config.json").is_file():
+        model.generation_config = read_json(path / "generation_config.json")
+    return model.eval()
+
+
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -353,13 +379,9 @@ class Qwen2ForCausalLM(nn.Module):
         arange(cached, cached + L) for every row; left-padded batches should pass cumsum(mask) - 1
         as HF generate does. With output_hidden_states, returns (logits, hidden_states), the
         latter num_hidden_layers + 1 tensors of shape (B, L, D)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        h = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)  # (B, L, D)
+        h, position_ids, past = embed_inputs(self.model.embed_tokens, input_ids, inputs_embeds,
+                                             position_ids, cache)  # (B, L, D)
         B, L, _ = h.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + L, device=h.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         mask = attention_mask_4d(attention_mask, L, past)
         hidden_states = []
@@ -418,14 +440,7 @@ class Qwen2ForCausalLM(nn.Module):
         # lm_head.weight: transformers ties (ignores it) in both cases, and so do we.
         state = read_state(path, expected, dtype, device, ignore=("rotary_emb.inv_freq", "lm_head.weight"),
                            what=f"{path} ({config.model_type})")
-        if config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.tie_weights()  # assign=True wraps each key in its own Parameter: re-share
-        if (path / "generation_config.json").is_file():
-            model.generation_config = read_json(path / "generation_config.json")
-        return model.eval()
+        return take_weights(model, state, path)
 
     def save_pretrained(self, path):
         """Write config.json (4.x dialect) and model.safetensors that transformers can load; a tied

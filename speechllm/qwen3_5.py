@@ -41,8 +41,8 @@ from torch import nn
 
 from .convert import place
 from .qwen2 import (KVCache, Qwen2ForCausalLM, Qwen2MLP, _read_config, apply_rope, attention_mask_4d,
-                    rope_cos_sin)
-from .weights import check_fit, headers, open_safetensors, read_json, weight_files
+                    embed_inputs, rope_cos_sin, take_weights)
+from .weights import check_fit, headers, open_safetensors, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -447,13 +447,9 @@ class Qwen3_5ForCausalLM(nn.Module):
         (B, cached + L), 1 real, 0 padding (left padding for decoding); position_ids (B, L),
         default arange(cached, cached + L). With output_hidden_states, returns (logits,
         hidden_states): the embeddings, each layer's output, and last the final-norm output."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        h = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)  # (B, L, D)
+        h, position_ids, past = embed_inputs(self.model.embed_tokens, input_ids, inputs_embeds,
+                                             position_ids, cache)  # (B, L, D)
         B, L, _ = h.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + L, device=h.device).expand(B, L)
         cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta,
                                 h.dtype)  # (B, L, rotary_dim)
         mask = attention_mask_4d(attention_mask, L, past)
@@ -511,11 +507,4 @@ class Qwen3_5ForCausalLM(nn.Module):
                     if ours.get(name) in expected:
                         t = f.get_tensor(name)
                         state[ours[name]] = t.to(dtype) if dtype is not None else t
-        if config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.tie_weights()  # assign=True wraps each key in its own Parameter: re-share
-        if (path / "generation_config.json").is_file():
-            model.generation_config = read_json(path / "generation_config.json")
-        return model.eval()
+        return take_weights(model, state, path)

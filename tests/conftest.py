@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from speechllm.asr import ASRModel
 from speechllm.convert import NemoArchive
@@ -104,6 +104,19 @@ def spk_clips(fixtures):
 def max_valid_diff(a, b, lengths) -> float:
     """Largest |a - b| over each row's first lengths[i] frames; a, b (B, T, ...)."""
     return max((a[i, :n] - b[i, :n]).abs().max().item() for i, n in enumerate(lengths.tolist()))
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def write_hf_dir(path: Path, config: dict, weights: dict | None) -> Path:
+    """A Hugging Face-style directory: config.json and, unless weights is None, model.safetensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
 
 
 def stop_ids(llm, tokenizer) -> list[int]:

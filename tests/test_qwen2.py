@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from conftest import max_diff, write_hf_dir
 from speechllm.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM, RMSNorm, rope_cos_sin
 
 TOL = 1e-4  # fp32 vs transformers (eager attention): measured ~1e-5
@@ -23,22 +24,9 @@ def hf_weights(fixtures):
     return load_file(fixtures / "llm_hf" / "model.safetensors")
 
 
-def write_dir(path, config: dict, weights: dict | None):
-    """An HF-style directory in tmp_path with the given config.json and model.safetensors."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    if weights is not None:
-        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
 @torch.no_grad()
 def single_logits(llm, llm_ref):
     return llm(llm_ref["single0.input_ids"])
-
-
-def max_diff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,59 +200,14 @@ def test_sliding_window_flag_inert_when_no_layer_uses_it(hf_config):
 # Loading variants, built in tmp_path from the fixture
 
 
-def test_tied_head_shares_the_embedding(llm):
-    assert llm.lm_head.weight is llm.model.embed_tokens.weight
-    assert len(list(llm.parameters())) == len(llm.state_dict()) - 1
-
-
-def test_sharded_checkpoint(tmp_path, llm, llm_ref, hf_config, hf_weights):
-    names = sorted(hf_weights)
-    shards = {"model-00001-of-00002.safetensors": names[:10],
-              "model-00002-of-00002.safetensors": names[10:]}
-    write_dir(tmp_path, hf_config, None)
-    for file, keys in shards.items():
-        save_file({k: hf_weights[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
-    weight_map = {k: file for file, keys in shards.items() for k in keys}
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(single_logits(loaded, llm_ref), single_logits(llm, llm_ref))
-
-    os.remove(tmp_path / "model-00002-of-00002.safetensors")
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path)
-
-
-@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
-def test_half_precision_weights(tmp_path, hf_config, hf_weights, stored):
-    write_dir(tmp_path, hf_config | {"torch_dtype": str(stored).removeprefix("torch.")},
-              {k: v.to(stored) for k, v in hf_weights.items()})
-    kept = Qwen2ForCausalLM.from_pretrained(tmp_path)
-    assert {p.dtype for p in kept.parameters()} == {stored}
-    upcast = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    for name, p in upcast.state_dict().items():
-        source = hf_weights["model.embed_tokens.weight" if name == "lm_head.weight" else name]
-        assert p.dtype == torch.float32 and torch.equal(p, source.to(stored).float()), name
-
-
 def test_v5_config(tmp_path, llm, llm_ref, hf_config, fixtures):
     config = {k: v for k, v in hf_config.items() if k not in ("rope_theta", "torch_dtype")}
     config |= {"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "float32",
                "layer_types": ["full_attention"] * 2, "sliding_window": None}
-    write_dir(tmp_path, config, None)
+    write_hf_dir(tmp_path, config, None)
     os.symlink(fixtures / "llm_hf" / "model.safetensors", tmp_path / "model.safetensors")
     assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), llm_ref),
                        single_logits(llm, llm_ref))
-
-
-def test_untied_head(tmp_path, llm, llm_ref, hf_config, hf_weights):
-    # An explicit head of 2 x embedding: logits must double exactly, so the stored head is used.
-    weights = hf_weights | {"lm_head.weight": 2 * hf_weights["model.embed_tokens.weight"]}
-    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, weights)
-    loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(single_logits(loaded, llm_ref), 2 * single_logits(llm, llm_ref),
-                               rtol=1e-6, atol=1e-6)
 
 
 def test_save_pretrained_round_trip(tmp_path, llm, llm_ref):
@@ -300,16 +243,16 @@ def test_missing_config(tmp_path):
 
 
 def test_missing_weights(tmp_path, hf_config):
-    write_dir(tmp_path, hf_config, None)
+    write_hf_dir(tmp_path, hf_config, None)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*model.safetensors"):
         Qwen2ForCausalLM.from_pretrained(tmp_path)
 
 
 def test_unsupported_model_type_and_architecture(tmp_path, hf_config):
-    write_dir(tmp_path, hf_config | {"model_type": "qwen3"}, None)
+    write_hf_dir(tmp_path, hf_config | {"model_type": "qwen3"}, None)
     with pytest.raises(ValueError, match="qwen3"):
         Qwen2ForCausalLM.from_pretrained(tmp_path)
-    write_dir(tmp_path, hf_config | {"architectures": ["LlamaForCausalLM"]}, None)
+    write_hf_dir(tmp_path, hf_config | {"architectures": ["LlamaForCausalLM"]}, None)
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         Qwen2ForCausalLM.from_pretrained(tmp_path)
 
@@ -319,7 +262,7 @@ def test_bad_tensors_are_all_listed(tmp_path, hf_config, hf_weights):
     del weights["model.layers.1.mlp.up_proj.weight"], weights["model.norm.weight"]
     weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
     weights["model.layers.2.mlp.up_proj.weight"] = torch.zeros(1)
-    write_dir(tmp_path, hf_config, weights)
+    write_hf_dir(tmp_path, hf_config, weights)
     with pytest.raises(ValueError) as err:
         Qwen2ForCausalLM.from_pretrained(tmp_path)
     message = str(err.value)
@@ -328,9 +271,3 @@ def test_bad_tensors_are_all_listed(tmp_path, hf_config, hf_weights):
                  "model.layers.2.mlp.up_proj.weight",  # unexpected
                  "model.layers.0.self_attn.k_proj.weight: checkpoint (16, 64) vs model (32, 64)"):
         assert name in message
-
-
-def test_untied_config_needs_lm_head(tmp_path, hf_config, hf_weights):
-    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, hf_weights)
-    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path)

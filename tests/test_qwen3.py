@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import stop_ids
+from conftest import max_diff, stop_ids, write_hf_dir
 from speechllm import load_llm
 from speechllm.generate import generate
 from speechllm.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
@@ -48,21 +48,9 @@ def tok(fixtures):
     return Tokenizer.from_pretrained(fixtures / "qwen3_hf")
 
 
-def write_dir(path, config: dict, weights: dict | None):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    if weights is not None:
-        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
 @torch.no_grad()
 def single_logits(model, ref):
     return model(ref["single0.input_ids"])
-
-
-def max_diff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,25 +271,8 @@ def test_wide_heads_with_biases_match_float64_reference(tmp_path):
 # Loading variants, built in tmp_path from the fixture
 
 
-def test_sharded_checkpoint(tmp_path, model, ref, hf_config, hf_weights):
-    names = sorted(hf_weights)
-    shards = {"model-00001-of-00002.safetensors": names[:12],
-              "model-00002-of-00002.safetensors": names[12:]}
-    write_dir(tmp_path, hf_config, None)
-    for file, keys in shards.items():
-        save_file({k: hf_weights[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
-    weight_map = {k: file for file, keys in shards.items() for k in keys}
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), ref),
-                       single_logits(model, ref))
-    os.remove(tmp_path / "model-00002-of-00002.safetensors")
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path)
-
-
 def test_bf16_weights(tmp_path, ref, hf_config, hf_weights):
-    write_dir(tmp_path, hf_config | {"torch_dtype": "bfloat16"},
+    write_hf_dir(tmp_path, hf_config | {"torch_dtype": "bfloat16"},
               {k: v.bfloat16() for k, v in hf_weights.items()})
     kept = Qwen2ForCausalLM.from_pretrained(tmp_path)
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
@@ -312,34 +283,17 @@ def test_bf16_weights(tmp_path, ref, hf_config, hf_weights):
     # O(1).
     err = (logits.float() - ref["single0.logits"]).abs()
     assert err.max() < 0.5 and err.mean() < 0.08
-    upcast = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    for name, p in upcast.state_dict().items():
-        source = hf_weights["model.embed_tokens.weight" if name == "lm_head.weight" else name]
-        assert p.dtype == torch.float32 and torch.equal(p, source.bfloat16().float()), name
-
-
-def test_untied_head(tmp_path, model, ref, hf_config, hf_weights):
-    # An explicit head of 2 x embedding: logits must double exactly, so the stored head is used.
-    weights = hf_weights | {"lm_head.weight": 2 * hf_weights["model.embed_tokens.weight"]}
-    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, weights)
-    loaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(single_logits(loaded, ref), 2 * single_logits(model, ref),
-                               rtol=1e-6, atol=1e-6)
-    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, hf_weights)
-    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path)
 
 
 def test_v5_config(tmp_path, model, ref, hf_config, fixtures):
-    write_dir(tmp_path, v5_dialect(hf_config), None)
+    write_hf_dir(tmp_path, v5_dialect(hf_config), None)
     os.symlink(fixtures / "qwen3_hf" / "model.safetensors", tmp_path / "model.safetensors")
     assert torch.equal(single_logits(Qwen2ForCausalLM.from_pretrained(tmp_path), ref),
                        single_logits(model, ref))
 
 
 def test_missing_head_dim_means_128_and_the_weights_do_not_fit(tmp_path, hf_config, hf_weights):
-    write_dir(tmp_path, {k: v for k, v in hf_config.items() if k != "head_dim"}, hf_weights)
+    write_hf_dir(tmp_path, {k: v for k, v in hf_config.items() if k != "head_dim"}, hf_weights)
     with pytest.raises(ValueError) as err:
         Qwen2ForCausalLM.from_pretrained(tmp_path)
     message = str(err.value)
@@ -375,7 +329,7 @@ def test_load_llm_picks_by_model_type(fixtures, model, ref):
 
 
 def test_load_llm_refuses_other_types(tmp_path, hf_config):
-    write_dir(tmp_path, hf_config | {"model_type": "llama"}, None)
+    write_hf_dir(tmp_path, hf_config | {"model_type": "llama"}, None)
     with pytest.raises(ValueError, match=r"'llama' is not supported; supported: qwen2, qwen3, "
                                          r"qwen3_5, qwen3_5_text"):
         load_llm(tmp_path)

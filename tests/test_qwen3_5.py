@@ -2,13 +2,13 @@
 errors. Run: python -m pytest -q tests/test_qwen3_5.py"""
 import json
 import logging
-import os
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from conftest import max_diff, write_hf_dir
 from speechllm.generate import generate
 from speechllm.qwen3_5 import (Qwen3_5Cache, Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5RMSNorm,
                                Qwen3_5RMSNormGated, chunk_gated_delta_rule, partial_rope,
@@ -41,18 +41,6 @@ def hf_config(fixtures):
 @pytest.fixture(scope="module")
 def hf_weights(fixtures):
     return load_file(fixtures / "qwen3_5_hf" / "model.safetensors")
-
-
-def write_dir(path, config: dict, weights: dict | None):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    if weights is not None:
-        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-def max_diff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 def assert_hidden_close(ours, theirs):
@@ -296,7 +284,7 @@ def test_multimodal_config_reads_text_config(hf_config):
     ({"linear_num_value_heads": 3}, "linear_num_value_heads"),
 ])
 def test_config_refuses_unsupported_variants(tmp_path, hf_config, change, field):
-    write_dir(tmp_path, hf_config | change, None)
+    write_hf_dir(tmp_path, hf_config | change, None)
     with pytest.raises(ValueError, match=field):
         Qwen3_5ForCausalLM.from_pretrained(tmp_path)
 
@@ -305,55 +293,13 @@ def test_config_refuses_unsupported_variants(tmp_path, hf_config, change, field)
 # Loading variants, built in tmp_path from the fixture
 
 
-def test_sharded_checkpoint(tmp_path, model, ref, hf_config, hf_weights):
-    names = sorted(hf_weights)
-    shards = {"model-00001-of-00002.safetensors": names[:30],
-              "model-00002-of-00002.safetensors": names[30:]}
-    write_dir(tmp_path, hf_config, None)
-    for file, keys in shards.items():
-        save_file({k: hf_weights[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
-    weight_map = {k: file for file, keys in shards.items() for k in keys}
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    assert torch.equal(single_logits(Qwen3_5ForCausalLM.from_pretrained(tmp_path), ref),
-                       single_logits(model, ref))
-    os.remove(tmp_path / "model-00002-of-00002.safetensors")
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
-        Qwen3_5ForCausalLM.from_pretrained(tmp_path)
-
-
-def test_bf16_file(tmp_path, hf_config, hf_weights):
-    write_dir(tmp_path, hf_config | {"dtype": "bfloat16"},
-              {k: v.bfloat16() for k, v in hf_weights.items()})
-    kept = Qwen3_5ForCausalLM.from_pretrained(tmp_path)
-    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
-    assert kept.config.torch_dtype == "bfloat16"
-    upcast = Qwen3_5ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    for name, p in upcast.state_dict().items():
-        source = hf_weights["model.embed_tokens.weight" if name == "lm_head.weight" else name]
-        assert p.dtype == torch.float32 and torch.equal(p, source.bfloat16().float()), name
-
-
-def test_untied_head(tmp_path, model, ref, hf_config, hf_weights):
-    # A head of 2 x embedding: logits must double exactly, so the stored head is the one used.
-    weights = hf_weights | {"lm_head.weight": 2 * hf_weights["model.embed_tokens.weight"]}
-    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, weights)
-    loaded = Qwen3_5ForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(single_logits(loaded, ref), 2 * single_logits(model, ref),
-                               rtol=1e-6, atol=1e-6)
-    write_dir(tmp_path, hf_config | {"tie_word_embeddings": False}, hf_weights)
-    with pytest.raises(ValueError, match="missing.*lm_head.weight"):
-        Qwen3_5ForCausalLM.from_pretrained(tmp_path)
-
-
 def multimodal_weights(hf_weights):
     weights = {k.replace("model.", "model.language_model.", 1): v for k, v in hf_weights.items()}
     return weights | {"model.visual.x": torch.ones(3, 2), "mtp.fc.weight": torch.ones(2, 2)}
 
 
 def test_multimodal_layout(tmp_path, model, ref, hf_config, hf_weights, caplog):
-    write_dir(tmp_path, multimodal_config(hf_config), multimodal_weights(hf_weights))
+    write_hf_dir(tmp_path, multimodal_config(hf_config), multimodal_weights(hf_weights))
     with caplog.at_level(logging.INFO, logger="speechllm.qwen3_5"):
         loaded = Qwen3_5ForCausalLM.from_pretrained(tmp_path)
     assert "skipped 2 tensors" in caplog.text and "model.visual.x" in caplog.text
@@ -390,7 +336,7 @@ def test_grow_vocab_keeps_old_logits(fixtures, ref):
 def test_missing_config_and_unsupported_architecture(tmp_path, hf_config):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Qwen3_5ForCausalLM.from_pretrained(tmp_path)
-    write_dir(tmp_path, hf_config | {"architectures": ["Qwen3NextForCausalLM"]}, None)
+    write_hf_dir(tmp_path, hf_config | {"architectures": ["Qwen3NextForCausalLM"]}, None)
     with pytest.raises(ValueError, match="Qwen3NextForCausalLM"):
         Qwen3_5ForCausalLM.from_pretrained(tmp_path)
 
@@ -401,7 +347,7 @@ def test_misfitting_tensors_are_named(tmp_path, hf_config, hf_weights):
     weights["model.language_model.layers.0.linear_attn.in_proj_a.weight"] = torch.zeros(2, 64)
     weights["model.language_model.layers.4.mlp.up_proj.weight"] = torch.zeros(1)
     weights["vision_tower.x"] = torch.zeros(1)
-    write_dir(tmp_path, multimodal_config(hf_config), weights)
+    write_hf_dir(tmp_path, multimodal_config(hf_config), weights)
     with pytest.raises(ValueError) as err:
         Qwen3_5ForCausalLM.from_pretrained(tmp_path)
     message = str(err.value)
