@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                                     "(default: 'Transcribe the following: <tag>')")
     p.set_defaults(run=run_salm)
 
-    for name, p in sub.choices.items():  # every command that writes a model directory
+    for p in sub.choices.values():  # every command so far writes a model directory
         p.add_argument("--force", action="store_true",
                        help="replace a model already in the output directory (never one of the inputs)")
 

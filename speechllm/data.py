@@ -163,11 +163,11 @@ def rttm_speakers(u: Utterance) -> list:
     if not u.rttm.is_file():
         raise ValueError(f"rttm_filepath {u.rttm} not found")
     turns = read_rttm(u.rttm)
+    if not turns:
+        return []  # nobody talks in it
     file_id = rttm_file_id(u.audio)
     if file_id not in turns and len(turns) == 1:
         file_id = next(iter(turns))
-    if not turns:
-        return []  # nobody talks in it
     try:
         return [list(s) for s in clip_segments(turns, file_id, u.offset, u.duration)]
     except ValueError as e:

@@ -18,9 +18,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, load_script, run_main
-from speechllm.activity import clip_segments, read_rttm, target_masks, write_manifest_rttms
+from speechllm.activity import main as activity
+from speechllm.activity import read_rttm, target_masks, write_manifest_rttms
 from speechllm.data import ClipDataset, collate, load_split, read_manifest
-from speechllm.model import SpeechLLM, assemble
+from speechllm.model import assemble
 from speechllm.sortformer import SortFormer
 from speechllm.train_config import DatasetConfig
 
@@ -202,7 +203,7 @@ def test_nan_duration_or_offset_in_a_manifest(run_infer, run_train, tmp_path, fi
     one_error(run_train("--config", train_config(tmp_path, path)), f"{path}:2", field, "finite")
 
 
-def test_numbers_out_of_range(run_infer, capsys):
+def test_numbers_out_of_range(run_infer):
     for option in ("--batch-size", "--max-new-tokens"):
         one_error(run_infer(WAV, option, "0"), f"argument {option}", ">= 1", code=2)
     one_error(run_infer(WAV, "--target-speaker", "-1"), "argument --target-speaker", "-1", code=2)
@@ -227,7 +228,6 @@ def test_an_output_path_that_is_a_file(run_convert, fixtures, tmp_path, capsys):
     # python -m speechllm.activity: the RTTM folder, or the new manifest, where a file / folder is
     SortFormer.from_nemo(fixtures / "diar_sortformer.nemo").save_pretrained(tmp_path / "diar")
     path = manifest(tmp_path / "m.jsonl", [{"audio_filepath": str(fixtures / "audio_1.wav")}])
-    from speechllm.activity import main as activity
     args = [path, "--diarizer", tmp_path / "diar", "--out", tmp_path / "new.jsonl"]
     one_error(run_main(activity, args + ["--rttm-dir", tmp_path / "taken"], capsys), "taken", "existing file")
     (tmp_path / "folder").mkdir()
