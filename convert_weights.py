@@ -6,6 +6,9 @@
     python convert_weights.py checkpoint step_3000.pt --base checkpoints/stage1 --config config.yaml --out checkpoints/tt
     python convert_weights.py salm canary-qwen/ --out checkpoints/salm                  # NeMo SALM directory
     python convert_weights.py inspect step_3000.pt
+
+An output directory that already holds a model (config.json or model.safetensors) is refused unless
+--force; one that is an input, or would overwrite an input's files, is refused even with --force.
 """
 import argparse
 import sys
@@ -19,6 +22,7 @@ from speechllm.salm import load_salm
 from speechllm.sortformer import SortFormer
 from speechllm.speaker import SpeakerKernelConfig
 from speechllm.tokenizer import TAGS
+from speechllm.weights import check_output_dir, yaml_problem
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -37,19 +41,35 @@ def describe(model) -> str:
 
 
 def run_nemo(args):
+    check_output_dir(args.out_dir, [args.nemo_file], args.force)
     model = speechllm.from_nemo(args.nemo_file, legacy_frontend=args.legacy_frontend)
     model.save_pretrained(args.out_dir)
     return model, args.out_dir
 
 
 def run_assemble(args):
+    check_output_dir(args.out, [args.encoder, args.llm], args.force)
     speaker = SpeakerKernelConfig(layers=tuple(args.speaker_kernel_layers)) if args.speaker_kernel_layers else None
     model = assemble(args.encoder, args.llm, speaker=speaker, seed=args.seed)
     model.save_pretrained(args.out)
     return model, args.out
 
 
+def run_lora(config) -> dict | None:
+    """model.lora of a run's config.yaml (plain YAML: a tag is refused, never run)."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config}: not plain YAML ({yaml_problem(e)})") from None
+    lora = ((doc.get("model") or {}) if isinstance(doc, dict) else {}).get("lora")
+    if lora and not (isinstance(lora, dict) and "r" in lora and "lora_alpha" in lora):
+        raise ValueError(f"{config}: model.lora needs r and lora_alpha, got {lora!r}")
+    return lora
+
+
 def run_checkpoint(args):
+    check_output_dir(args.out, [s for s in (args.step_file, args.base, args.encoder, args.llm, args.config) if s], args.force)
     if args.base:
         model = SpeechLLM.from_pretrained(args.base)
     elif args.encoder and args.llm:
@@ -57,7 +77,7 @@ def run_checkpoint(args):
     else:
         raise ValueError("the architecture comes from --base DIR (a Speech-LLM directory, e.g. from `assemble`) "
                          "or from --encoder X.nemo --llm HF_DIR")
-    lora = ((yaml.safe_load(open(args.config)) or {}).get("model") or {}).get("lora") if args.config else None
+    lora = run_lora(args.config) if args.config else None
     scaling = lora["lora_alpha"] / lora["r"] if lora else None
     for line in load_checkpoint_into(model, args.step_file, lora_scaling=scaling):
         print(line, file=sys.stderr)
@@ -66,6 +86,7 @@ def run_checkpoint(args):
 
 
 def run_salm(args):
+    check_output_dir(args.out, [args.salm_dir], args.force)
     model = load_salm(args.salm_dir, args.prompt)
     model.save_pretrained(args.out)
     return model, args.out
@@ -125,6 +146,10 @@ def main(argv=None) -> int:
                                     "(default: 'Transcribe the following: <tag>')")
     p.set_defaults(run=run_salm)
 
+    for p in sub.choices.values():  # every command so far writes a model directory
+        p.add_argument("--force", action="store_true",
+                       help="replace a model already in the output directory (never one of the inputs)")
+
     p = sub.add_parser("inspect", formatter_class=FORMATTER,
                        help="list tensors, shapes, dtypes and where each would go, for any file the converter reads")
     p.add_argument("path", help=".nemo, .pt/.ckpt, .safetensors, or a model directory")
@@ -133,7 +158,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         model, out = args.run(args)
-    except (ConversionError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConversionError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if model is not None:

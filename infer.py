@@ -14,6 +14,7 @@ events with their times on the recording's clock (--json: one JSON object per ev
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import torch
 from tqdm import tqdm
 
 import speechllm
-from speechllm.activity import (clip_segments, format_rttm, grid_of, parse_target, predict_with_activity,
-                                probs_to_segments, read_rttm, rttm_file_id)
+from speechllm import dist
+from speechllm.activity import (clip_segments, format_rttm, grid_of, manifest_segments, parse_target,
+                                predict_with_activity, probs_to_segments, read_rttm, rttm_file_id)
 from speechllm.asr import ASRModel, prepare_clip
-from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, pad_batch
+from speechllm.audio import SAMPLE_RATE, AudioError, clip_warnings, load_audio, pad_batch
+from speechllm.cli import at_least, checked
 from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import SpeechLLM
@@ -44,21 +47,21 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weight precision; auto = bfloat16 where it measures faster than float32 on this CPU/GPU, else float32 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="transcript length limit in tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="clips per forward pass (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64, help="transcript length limit in tokens (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer clips (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="diarizer: speaker activity threshold (default: %(default)s)")
     p.add_argument("--min-duration", type=float, default=0.0, help="diarizer: drop shorter segments, seconds (default: %(default)s)")
     p.add_argument("--diarizer", help="SortFormer checkpoint directory: speaker activity for a Speech-LLM with speaker kernels")
     p.add_argument("--rttm", help="RTTM file with the speakers' turns, instead of --diarizer (file id: the audio "
                                   "file's name without extension)")
-    p.add_argument("--target-speaker", type=parse_target, default="auto", metavar="N|auto",
+    p.add_argument("--target-speaker", type=checked(parse_target), default="auto", metavar="N|auto",
                    help="whose turn to judge: a speaker index in arrival order, or auto, the one talking when talk "
                         "stops; the others are the background (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--stream", metavar="AUDIO", help="play one recording through the live turn detector and print its events")
     p.add_argument("--realtime", action="store_true", help="--stream at real-time pace (default: as fast as possible)")
-    p.add_argument("--chunk-ms", type=int, default=20, help="--stream: audio per push, ms (default: %(default)s)")
+    p.add_argument("--chunk-ms", type=at_least(1), default=20, help="--stream: audio per push, ms (default: %(default)s)")
     p.add_argument("--turn", action="append", default=[], metavar="KEY=VALUE",
                    help="--stream: a TurnConfig setting (speechllm/turn.py), e.g. stop_ms=800; repeatable")
     return p.parse_args(argv)
@@ -84,9 +87,10 @@ def load_clips(items, max_seconds: float, min_samples: int):
     return clips, failed
 
 
-def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, speakers=None) -> dict:
+def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, speakers=None, targets=None) -> dict:
     """{name: samples} -> {name: result}; batches hold clips of similar length. speakers: a SortFormer,
-    or {name: RTTM segments}, for a Speech-LLM with speaker kernels."""
+    or {name: RTTM segments} (a clip without any is all target speaker, as in training), for a
+    Speech-LLM with speaker kernels; targets: {name: target speaker} over --target-speaker."""
     names = sorted(clips, key=lambda n: -len(clips[n]))
     results = {}
     bar = tqdm(total=len(names), unit="clip", disable=len(names) <= batch_size, file=sys.stderr)
@@ -103,8 +107,10 @@ def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, 
             audio, lengths = pad_batch([clips[n] for n in chunk])
             audio, lengths = audio.to(device), lengths.to(device)
             if speakers is not None:  # a SortFormer, or each clip's RTTM segments
-                clip_speakers = speakers if isinstance(speakers, SortFormer) else [speakers[n] for n in chunk]
-                out = predict_with_activity(model, audio, lengths, clip_speakers, args.target_speaker, max_new_tokens,
+                clip_speakers = speakers if isinstance(speakers, SortFormer) else \
+                    [speakers.get(n, [(0.0, len(clips[n]) / SAMPLE_RATE, "target")]) for n in chunk]
+                target = [targets.get(n, args.target_speaker) for n in chunk] if targets else args.target_speaker
+                out = predict_with_activity(model, audio, lengths, clip_speakers, target, max_new_tokens,
                                             args.threshold)
             else:
                 out = model.predict(audio, lengths, max_new_tokens)
@@ -119,12 +125,13 @@ def show(name: str, r: dict, as_json: bool) -> str:
         return json.dumps({"audio": name, **{k: v for k, v in r.items() if k != "rttm"}})
     if "rttm" in r:
         return r["rttm"].rstrip("\n")
+    warn = f"\twarning: {'; '.join(r['warnings'])}" if r.get("warnings") else ""
     if "tag" not in r:
-        return f"{name}\t{r['text']}"
+        return f"{name}\t{r['text']}{warn}"
     others = ", ".join(f"{t.strip('<>')} {p:.3f}" for t, p in r["probs"].items() if t != r["tag"])
     who = f"\tspeaker {r['speaker']}" if "speaker" in r else ""
     text = f"\t{r['transcript']!r}" if r["transcript"] else ""  # tag_only models write none
-    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others}){text}{who}"
+    return f"{name}\t{r['tag']} {r['probs'][r['tag']]:.3f}\t({others}){text}{who}{warn}"
 
 
 def stream(model, args) -> int:
@@ -155,8 +162,10 @@ def main(argv=None) -> int:
         return 2
     path = Path(args.checkpoint) if args.checkpoint else DEMO
     try:
+        args.device = str(dist.check_device(args.device))
+        utts = read_manifest(args.manifest, require_label=True) if args.manifest else []  # before any model
         model = speechllm.load(path, pick_dtype(args.dtype, args.device), args.device)
-        utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
+        speechllm.check_runnable(model, path)
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
         if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:
@@ -165,7 +174,12 @@ def main(argv=None) -> int:
             raise ValueError("give --diarizer or --rttm, not both")
         rttm = read_rttm(args.rttm) if args.rttm else None
         diarizer = SortFormer.from_pretrained(args.diarizer).to(args.device) if args.diarizer else None
-    except (FileNotFoundError, ValueError) as e:
+        if diarizer is not None:
+            speechllm.check_runnable(diarizer, args.diarizer)
+            if isinstance(args.target_speaker, int) and args.target_speaker >= diarizer.cfg.num_spks:
+                raise ValueError(f"--target-speaker {args.target_speaker} is out of range: the diarizer {args.diarizer} "
+                                 f"tracks {diarizer.cfg.num_spks} speakers (0-{diarizer.cfg.num_spks - 1})")
+    except (OSError, ValueError) as e:  # FileNotFoundError, ConversionError, ManifestError, AudioError
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.checkpoint is None:
@@ -174,20 +188,40 @@ def main(argv=None) -> int:
         return stream(model, args)
     items = [(p, p, 0.0, None) for p in args.audio] + [(f"{u.audio}@{u.offset:g}", u.audio, u.offset, u.duration) for u in utts]
     clips, failed = load_clips(items, args.max_seconds, model.cfg.preprocessor.hop_length)
-    speakers = diarizer
+    warnings = {name: clip_warnings(clips[name], p, offset, dur) for name, p, offset, dur in items if name in clips}
+    speakers, targets = diarizer, None
     if rttm is not None:  # each clip's turns, in seconds from its start
         try:
             speakers = {name: clip_segments(rttm, rttm_file_id(p), offset, dur) for name, p, offset, dur in items}
         except ValueError as e:
             print(f"error: {args.rttm}: {e}", file=sys.stderr)
             return 1
-    results = run(model, clips, args.batch_size, args.max_new_tokens, args.device, args, speakers)
+    elif diarizer is None and any(u.speakers is not None for u in utts):  # the manifest's speakers / rttm_filepath
+        if model.spk_kernels is None:
+            print(f"note: {args.manifest}: speakers / rttm_filepath left unused: the checkpoint has no speaker kernels",
+                  file=sys.stderr)
+        else:
+            speakers, targets = manifest_segments(utts, [name for name, *_ in items[len(args.audio):]])
+    results = run(model, clips, args.batch_size, args.max_new_tokens, args.device, args, speakers, targets)
+    bad = [n for n, r in results.items() if "probs" in r and not all(map(math.isfinite, r["probs"].values()))]
+    if bad:
+        print(f"error: {path}: the tag probabilities are not finite (NaN or infinite) for {len(bad)} clip(s), "
+              f"e.g. {bad[0]}: the model's activations overflow ({next(model.parameters()).dtype}); no result is printed",
+              file=sys.stderr)
+        return 1
+    for name, r in results.items():
+        r.update({"warnings": warnings[name]} if warnings.get(name) else {})
+        if "rttm" in r and "warnings" in r:  # RTTM lines have no room for them
+            print(f"warning: {name}: {'; '.join(r['warnings'])}", file=sys.stderr)
     for name, *_ in items[: len(args.audio)]:
         if name in results:
             print(show(name, results[name], args.json))
     if utts:
         scored = [(u.label, results[name]["tag"]) for u, (name, *_) in zip(utts, items[len(args.audio):])
                   if name in results]
+        if not scored:
+            print(f"error: {args.manifest}: none of its {len(utts)} clips could be run; no metrics", file=sys.stderr)
+            return 1
         report = classification_report([t for t, _ in scored], [p for _, p in scored])
         print(json.dumps(report) if args.json else format_report(report))
     return 1 if failed else 0

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from speechllm import checkpoint, dist
 from speechllm.activity import encoder_frames, grid_of, rttm_masks
 from speechllm.precision import fast_dtype
-from speechllm.data import ClipDataset, EpochPlan, ManifestError, collate, draw_probabilities, load_split
+from speechllm.data import ClipDataset, EpochPlan, collate, draw_probabilities, load_split
 from speechllm.lora import adapter_names, adapter_state, merged_state_dict
 from speechllm.metrics import classification_report, wer
 from speechllm.model import PromptConfig, SpeechLLM, assemble
@@ -241,26 +241,49 @@ class Logger:
 
 
 def main(argv=None) -> int:
+    """Every rank checks the inputs (config, device, manifests, the state to resume) before the
+    process group starts, so a mistake stops all of them at once, with one error line (rank 0's);
+    later, all ranks leave with the worst rank's status (dist.exit_together)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        device = dist.check_device(cfg.trainer.device, "trainer.device")
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print0(f"error: {e}", file=sys.stderr)
         return 2
-    d = dist.init(cfg.trainer.device)
     try:
-        return train(cfg, args, d)
-    except (ManifestError, ValueError, FileNotFoundError) as e:
+        inputs = prepare(cfg, args)
+    except (OSError, ValueError) as e:  # data.ManifestError too
         print0(f"error: {e}", file=sys.stderr)
         return 1
+    d = None
+    try:
+        d = dist.init(device)
+        code = train(cfg, args, d, *inputs)
+    except (OSError, ValueError) as e:  # ConversionError too
+        print0(f"error: {e}", file=sys.stderr)
+        code = 1
+    try:
+        return dist.exit_together(code, d)
     finally:
         dist.cleanup()
 
 
-def train(cfg, args, d: dist.Dist) -> int:
+def prepare(cfg, args):
+    """What can be checked before any process group or model exists: the checkpoint to resume and
+    its training state, and every manifest line with its audio. -> (resume, state, train, dev)."""
+    resume = checkpoint.resume_dir(args.resume, Path(cfg.trainer.out_dir))
+    state = checkpoint.load_state(resume) if resume is not None else None
+    ds, task, seed = cfg.data, cfg.data.task, cfg.trainer.seed
+    train_split = load_split(ds.train_ds.manifest_filepath, task, ds.train_ds, train=True, seed=seed)
+    val_split = load_split(ds.validation_ds.manifest_filepath, task, ds.validation_ds, train=False) \
+        if ds.validation_ds is not None else None
+    return resume, state, train_split, val_split
+
+
+def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int:
     tc, task = cfg.trainer, cfg.data.task
     out = Path(tc.out_dir)
-    resume = checkpoint.resume_dir(args.resume, out)
     precision = tc.precision
     if precision == "auto":  # rank 0 measures, every rank follows: one choice for the whole run
         precision = dist.broadcast("bf16" if fast_dtype(d.device) == torch.bfloat16 else "fp32", d)
@@ -268,11 +291,6 @@ def train(cfg, args, d: dist.Dist) -> int:
         " (auto: bf16 is not faster here)" if tc.precision == "auto" else ""
     print0(f"# resolved config\n{cfg.to_yaml()}# {d.world_size} process(es), device {d.device}, "
            f"precision {precision}{how}")
-    # Data first: a bad manifest line stops the run before anything is built.
-    train_split = load_split(cfg.data.train_ds.manifest_filepath, task, cfg.data.train_ds, train=True, seed=tc.seed)
-    val_split = None
-    if cfg.data.validation_ds is not None:
-        val_split = load_split(cfg.data.validation_ds.manifest_filepath, task, cfg.data.validation_ds, train=False)
     print0(f"train: {train_split.report}" + (f"\ndev: {val_split.report}" if val_split else ""))
 
     t0 = time.perf_counter()
@@ -282,7 +300,6 @@ def train(cfg, args, d: dist.Dist) -> int:
     if unmatched:
         print0(f"warning: freeze patterns matching no parameter: {unmatched}")
     model.to(d.device, torch.float64 if precision == "fp64" else torch.float32)  # fp32 master weights
-    state = checkpoint.load_state(resume) if resume is not None else None
     if state is not None:
         loaded = model.load_state_dict(state["model_extra"], strict=False)
         if loaded.unexpected_keys:

@@ -2,6 +2,7 @@
 
     model = speechllm.load("checkpoints/tt")          # any directory convert_weights.py or train.py wrote
     model = speechllm.from_nemo("parakeet.nemo")       # or a NeMo archive, read in place
+    speechllm.check_runnable(model, path)              # a model that answers, with finite weights
 """
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .sortformer import SortFormer
 from .speaker import SpeakerKernelConfig
 from .tokenizer import Tokenizer
 from .turn import TurnConfig, TurnDetector
-from .weights import read_json
+from .weights import nonfinite, read_json, short
 from .whisper import WhisperEncoder, WhisperEncoderConfig
 
 
@@ -47,6 +48,24 @@ def load(path, dtype: torch.dtype | None = None, device="cpu"):
     if kind in LLM_TYPES:
         return load_llm(path, dtype=dtype, device=device)
     raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json missing, or model_type {kind!r} unknown)")
+
+
+def check_runnable(model, path) -> None:
+    """Refuse (ValueError naming `path`) a model that cannot answer on its own, which is what
+    infer.py runs: an encoder without a CTC decoder (NeMo's multitalker RNNT model), an ASR model
+    without its tokenizer, an LLM or Whisper encoder alone; and any model whose weights hold NaN or
+    infinities (a diverged or damaged checkpoint would answer NaN)."""
+    runs = "infer.py runs Speech-LLM, CTC ASR and SortFormer checkpoints"
+    if isinstance(model, ASRModel) and model.decoder is None:
+        raise ValueError(f"{path}: an encoder without a CTC decoder (e.g. NeMo's multitalker RNNT model, whose "
+                         f"RNNT decoder is not imported): it can encode but not transcribe; {runs}")
+    if isinstance(model, ASRModel) and model.tokenizer is None:
+        raise ValueError(f"{path}: an ASR checkpoint without its tokenizer.model: it cannot write text")
+    if not isinstance(model, (SpeechLLM, ASRModel, SortFormer)):
+        raise ValueError(f"{path}: a {type(model).__name__} checkpoint, which neither transcribes nor tags; {runs}")
+    if bad := nonfinite(model.state_dict()):
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values ({short(bad, 5)}): "
+                         "a diverged or damaged checkpoint")
 
 
 def from_nemo(path, legacy_frontend: bool = False):

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .audio import feature_lengths, load_audio
+from .cli import output_dir, output_file
 from .sortformer import SortFormer
 
 Segment = tuple[float, float, str]  # (start s, end s, speaker)
@@ -297,6 +298,15 @@ def predict_with_activity(model, audio: torch.Tensor, lengths: torch.Tensor, spe
     return [{**r, "speaker": k} for r, k in zip(out, targets)]
 
 
+def manifest_segments(utts, names: list[str]) -> tuple[dict, dict]:
+    """A manifest's own turns (data.Utterance.speakers: its `speakers`, or its rttm_filepath's) ->
+    ({name: segments}, {name: target_speaker where the line names one}) for predict_with_activity.
+    A clip without turns counts as the target speaker's, as in training (train.speaker_masks)."""
+    speakers = {n: [tuple(s) for s in u.speakers or []] or [(0.0, u.duration, "target")] for u, n in zip(utts, names)}
+    targets = {n: u.extra["target_speaker"] for u, n in zip(utts, names) if u.extra.get("target_speaker") is not None}
+    return speakers, targets
+
+
 # -----------------------------------------------------------------------------
 # precomputed activity for a training manifest
 
@@ -307,10 +317,10 @@ def write_manifest_rttms(manifest, out_manifest, diarizer, rttm_dir=None, thresh
     <out_manifest stem>_rttm/ beside it), and write out_manifest: the same entries plus
     "rttm_filepath" (relative to out_manifest's folder when inside it). Relative audio paths are
     rewritten for out_manifest's folder. The input is never overwritten. Returns the number of entries."""
-    manifest, out_manifest = Path(manifest), Path(out_manifest)
+    manifest, out_manifest = Path(manifest), output_file(out_manifest)
     if out_manifest.resolve() == manifest.resolve():
         raise ValueError(f"{out_manifest}: refusing to overwrite the input manifest; name a new file")
-    rttm_dir = Path(rttm_dir) if rttm_dir else out_manifest.with_name(out_manifest.stem + "_rttm")
+    rttm_dir = output_dir(rttm_dir if rttm_dir else out_manifest.with_name(out_manifest.stem + "_rttm"))
     rttm_dir.mkdir(parents=True, exist_ok=True)
     frame_s = grid_of(diarizer.cfg).frame_s
     lines = [(n, line) for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]

@@ -27,7 +27,7 @@ from .config import refuse_unknown
 from .convert import NEMO_CTC_KEYS, ConversionError, dropped_keys, open_nemo, read_nemo_tokenizer, remap
 from .fastconformer import FastConformer, FastConformerConfig
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
-from .weights import read_json, read_state, require, save_dir
+from .weights import read_config, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,10 @@ class ASRModel(nn.Module):
             if left_out := dropped_keys(table, source):
                 log.warning("%s: %d RNNT decoder/joint tensors not imported (there is no RNNT decoding here, "
                             "so this model can encode but not transcribe): %s", path, len(left_out), ", ".join(left_out))
+        except KeyError as e:  # a model_config.yaml without a section NeMo always writes
+            raise ConversionError(f"{path}: model_config.yaml: missing {e.args[0]!r}") from None
+        except TypeError as e:  # ... or with one of the wrong kind
+            raise ConversionError(f"{path}: model_config.yaml: {e}") from None
         finally:
             archive.close()
         if vocab is not None and model.tokenizer.get_piece_size() != vocab:
@@ -193,7 +197,7 @@ class ASRModel(nn.Module):
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "ASRModel":
         path = Path(path)
         require(path, ("config.json", "model.safetensors"), "an ASR checkpoint directory")
-        cfg = ASRConfig.from_dict(read_json(path / "config.json"))
+        cfg = read_config(path / "config.json", ASRConfig.from_dict)
         tok = (path / "tokenizer.model").read_bytes() if (path / "tokenizer.model").is_file() else None
         with torch.device("meta"):
             model = cls(cfg)

@@ -22,6 +22,7 @@ Quirks worth knowing:
 - The frontend always runs in float32 with autocast off, and without gradients, as NeMo does.
 """
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from .config import build
 
 SAMPLE_RATE = 16000
+SHORTEST_WORD_S = 0.3  # a clip shorter than this holds less than one spoken word
+SILENCE_PEAK = 2 ** -15  # below one 16-bit step everywhere: digital silence
 
 # -----------------------------------------------------------------------------
 # audio input
@@ -96,6 +99,45 @@ def load_audio(path, sample_rate: int = SAMPLE_RATE, offset: float = 0.0, durati
     if sr != sample_rate:
         x = resample(torch.from_numpy(x), sr, sample_rate).numpy()
     return x
+
+
+def audio_info(path) -> tuple[float, float]:
+    """(seconds the file holds, seconds its header announces), read without decoding; AudioError for
+    a file soundfile cannot open or that holds no samples. The two differ for a WAV file cut short
+    (a partial copy or download): libsndfile then reads what is there and notes the header's size."""
+    try:
+        info = sf.info(str(path))
+    except (sf.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({e})") from None
+    if info.frames == 0 or info.samplerate <= 0:
+        raise AudioError(f"{path}: contains no audio samples")
+    held = info.frames / info.samplerate
+    # libsndfile's log of a short WAV says e.g. "data : 32000 (should be 15978)" (bytes).
+    data = re.search(r"^data\s*:\s*(\d+)\s*\(should be \d+\)", info.extra_info, re.M)
+    align = re.search(r"Block Align\s*:\s*(\d+)", info.extra_info)
+    announced = held
+    if data and align and 0 < int(data.group(1)) < 0x7FFFFFFF:  # not a streamed WAV's placeholder size
+        announced = max(held, int(data.group(1)) / int(align.group(1)) / info.samplerate)
+    return held, announced
+
+
+def clip_warnings(audio: np.ndarray, path=None, offset: float = 0.0, duration: float | None = None,
+                  sample_rate: int = SAMPLE_RATE) -> list[str]:
+    """What makes a clip's answer doubtful although it can be run: digital silence, less audio than
+    one word, or (given its file) a file that ends before its header or the clip says."""
+    out = []
+    if len(audio) and float(np.abs(audio).max()) < SILENCE_PEAK:
+        out.append("digital silence (every sample below one 16-bit step)")
+    if len(audio) < SHORTEST_WORD_S * sample_rate:
+        out.append(f"{len(audio) / sample_rate:.2f} s is shorter than one word (~{SHORTEST_WORD_S:g} s)")
+    if path is not None:
+        held, announced = audio_info(path)
+        if announced > held:
+            out.append(f"the file ends early: its header announces {announced:.2f} s, it holds {held:.2f} s "
+                       "(a truncated copy?)")
+        elif duration is not None and offset + duration > held + 1e-3:
+            out.append(f"the clip runs {offset + duration - held:.3f} s past the end of the file")
+    return out
 
 
 def pad_batch(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

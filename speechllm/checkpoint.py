@@ -13,6 +13,7 @@ complete step_N folders and at most one temporary folder, which `latest` ignores
 `remove_partial` deletes. Pruning keeps the newest `keep_last` and the best.
 """
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -80,7 +81,22 @@ def prune(out_dir, keep_last: int, best_step: int | None = None) -> None:
 
 
 def load_state(path) -> dict:
-    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+    """trainer_state.pt, read with weights_only=True: a file that needs arbitrary pickled objects (or
+    is damaged) is refused with a ValueError naming it; nothing in it is ever run."""
+    file = Path(path) / STATE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not a training checkpoint ({STATE} is missing)") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{file}: not a weights-only training state (torch.load(weights_only=True) refused it: "
+                         f"{first[:200]}); it was not written by train.py") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, or not a torch file at all
+        raise ValueError(f"{file}: not a readable training state ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise ValueError(f"{file}: not a training state written by train.py (no optimizer state)")
+    return state
 
 
 def export(model: SpeechLLM, state: dict, path: Path) -> None:

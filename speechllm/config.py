@@ -3,7 +3,8 @@
 Every key must be a field: an unknown one is refused with its dotted name (`prompt.usr`,
 `trainer.max_stepz`), never dropped. Nested dataclass fields are built the same way; lists become
 tuples for tuple fields, and ints or numeric strings ('2e-5': YAML 1.1 floats need a dot) become
-floats for float fields. Upstream dialects (a Hugging Face config.json, a NeMo model config) are
+floats for float fields; an int field takes only an integer (a damaged config.json is refused here,
+not deep inside a layer's constructor). Upstream dialects (a Hugging Face config.json, a NeMo model config) are
 read by each config's from_hf / from_nemo instead, which pick the fields they know on purpose.
 """
 import dataclasses
@@ -27,7 +28,13 @@ def build(cls, d, where: str = ""):
     kwargs = {}
     for k, v in d.items():
         sub = _dataclass_in(hints[k])
-        kwargs[k] = build(sub, v, f"{where}{k}.") if sub is not None and v is not None else _coerce(hints[k], v)
+        if sub is not None and v is not None:
+            kwargs[k] = build(sub, v, f"{where}{k}.")
+            continue
+        try:
+            kwargs[k] = _coerce(hints[k], v)
+        except ValueError as e:
+            raise ValueError(f"{where}{k}: {e}") from None
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -48,6 +55,8 @@ def _coerce(hint, v):
             return float(v)
         except ValueError:
             raise ValueError(f"expected a number, got {v!r}") from None
+    if hint is int and v is not None and not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {v!r}")
     return v
 
 

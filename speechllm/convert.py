@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .weights import ConversionError, check_fit, headers, read_json, short
+from .weights import ConversionError, check_fit, headers, read_json, short, yaml_problem
 
 # ----------------------------------------------------------------------------------------------
 # key tables: source key prefix -> our key prefix; the longest matching prefix wins. Our module names
@@ -169,18 +169,33 @@ class NemoArchive:
         # Members by base name, "./model_config.yaml" -> "model_config.yaml". Only regular files count;
         # links, devices and directories are ignored, and nothing is ever extracted.
         self._members = {}
-        for m in self._tar.getmembers():
-            if m.isfile():
-                self._members.setdefault(os.path.basename(m.name), m)
+        try:
+            for m in self._tar.getmembers():
+                if m.isfile():
+                    self._members.setdefault(os.path.basename(m.name), m)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            self._tar.close()
+            raise ConversionError(f"{self.path}: a broken .nemo archive (truncated or damaged tar: {e})") from None
         if "model_config.yaml" not in self._members or "model_weights.ckpt" not in self._members:
             raise ConversionError(
                 f"{self.path}: a .nemo archive needs model_config.yaml and model_weights.ckpt; "
                 f"found {sorted(self._members)}"
             )
-        self.config = yaml.safe_load(self._read("model_config.yaml"))
+        # safe_load builds plain data only: a tag such as !!python/object is refused, never run.
+        try:
+            self.config = yaml.safe_load(self._read("model_config.yaml"))
+        except yaml.YAMLError as e:
+            self._tar.close()
+            raise ConversionError(f"{self.path}: model_config.yaml is not plain YAML ({yaml_problem(e)})") from None
+        if not isinstance(self.config, dict):
+            self._tar.close()
+            raise ConversionError(f"{self.path}: model_config.yaml holds a {type(self.config).__name__}, not a mapping")
 
     def _read(self, name) -> bytes:
-        return self._tar.extractfile(self._members[name]).read()
+        try:
+            return self._tar.extractfile(self._members[name]).read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ConversionError(f"{self.path}: {name} cannot be read (truncated archive? {e})") from None
 
     @property
     def target(self) -> str:
@@ -198,8 +213,11 @@ class NemoArchive:
         # and reading it into a bytes object first would double peak memory.
         src = self._tar.extractfile(self._members["model_weights.ckpt"])
         with tempfile.NamedTemporaryFile(suffix=".ckpt") as tmp:
-            while chunk := src.read(1 << 24):
-                tmp.write(chunk)
+            try:
+                while chunk := src.read(1 << 24):
+                    tmp.write(chunk)
+            except (tarfile.TarError, EOFError) as e:
+                raise ConversionError(f"{self.path}: model_weights.ckpt cannot be read (truncated archive? {e})") from None
             tmp.flush()
             try:
                 sd = torch.load(tmp.name, map_location="cpu", weights_only=True, mmap=True)

@@ -6,25 +6,30 @@ decoding in DataLoader workers, and the epoch plan that every rank shares.
 
 `audio_filepath` relative paths are resolved against the manifest's folder. `label` may be written
 with or without angle brackets; it is stored as the tag token ("<INCOMPLETE>"). Optional fields:
-`speakers` ([start, end, speaker] in seconds from the clip's start, i.e. after `offset`),
+`speakers` ([start, end, speaker] in seconds from the clip's start, i.e. after `offset`), or
+`rttm_filepath` (an RTTM with the file's turns, as `python -m speechllm.activity` writes them; its
+onsets count from the start of the file, and the clip's share becomes `speakers`),
 `target_speaker` (whose turn it is, for the speaker kernels; default: the speaker still talking
 when talk stops, the same rule as inference's `--target-speaker auto`) and
 `llm_label` / `ten_label` (the two annotators, for the BC-priority filter). Every problem is
-reported with the manifest's path and line number before anything is trained or scored.
+reported with the manifest's path and line number before anything is trained or scored, including
+the audio: every file must exist, be readable and non-empty, and hold [offset, offset + duration]
+(read_manifest is the one check, for train.py and infer.py --manifest alike).
 
 Sampling (EpochPlan): one list of batches per epoch, a pure function of (seed, epoch), so every
 rank computes the same plan and takes its own disjoint share, and a resumed run can skip exactly
 the batches it already used.
 """
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import soundfile as sf
 import torch
 
-from .audio import load_audio, pad_batch
+from .activity import clip_segments, read_rttm, rttm_file_id
+from .audio import AudioError, audio_info, load_audio, pad_batch
 from .tokenizer import TAGS
 
 COMPLETE, INCOMPLETE, BACKCHANNEL = TAGS
@@ -32,6 +37,9 @@ COMPLETE, INCOMPLETE, BACKCHANNEL = TAGS
 
 class ManifestError(ValueError):
     pass
+
+
+SLACK_S = 0.02  # manifest durations are rounded: offset + duration may pass the file's end by this much
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Utterance:
     label: str | None = None  # a tag token, e.g. "<COMPLETE>"
     tt_confidence: float | None = None
     speakers: list | None = None  # [[start, end, speaker], ...] in seconds
+    rttm: Path | None = None  # rttm_filepath: where `speakers` came from
     line: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -55,16 +64,23 @@ def normalize_label(label) -> str:
 
 
 def read_manifest(path, require_label: bool = False) -> list[Utterance]:
+    """Every utterance of a manifest, checked line by line: the fields, the audio (check_audio) and
+    an rttm_filepath's turns (read into `speakers`). The first problem stops it as a ManifestError
+    naming path:line."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest")
-    items = []
+    items, files = [], {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                items.append(parse_line(line, path.parent, n, require_label))
+                u = parse_line(line, path.parent, n, require_label)
+                check_audio(u, files)
+                if u.rttm is not None:
+                    u.speakers = rttm_speakers(u)
+                items.append(u)
             except (ValueError, TypeError, KeyError) as e:
                 raise ManifestError(f"{path}:{n}: {e}") from None
     if not items:
@@ -84,6 +100,11 @@ def parse_line(line: str, root: Path, n: int, require_label: bool) -> Utterance:
     audio = Path(d.pop("audio_filepath"))
     duration = d.pop("duration", None)
     offset = float(d.pop("offset", 0.0) or 0.0)
+    # JSON lets NaN and Infinity through, and every comparison with NaN is False.
+    if duration is not None and not math.isfinite(float(duration)):
+        raise ValueError(f"duration must be a finite number of seconds, got {duration}")
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number of seconds, got {offset}")
     if duration is not None and float(duration) <= 0:
         raise ValueError(f"duration must be > 0, got {duration}")
     if offset < 0:
@@ -94,6 +115,10 @@ def parse_line(line: str, root: Path, n: int, require_label: bool) -> Utterance:
     speakers = d.pop("speakers", None)
     if speakers is not None and not all(isinstance(s, (list, tuple)) and len(s) == 3 for s in speakers):
         raise ValueError("'speakers' must be a list of [start, end, speaker]")
+    rttm = d.pop("rttm_filepath", None)
+    if rttm is not None and speakers is not None:
+        raise ValueError("give 'speakers' or 'rttm_filepath', not both")
+    rttm = Path(rttm) if rttm is not None else None
     conf = d.pop("tt_confidence", None)
     return Utterance(
         audio=audio if audio.is_absolute() else root / audio,
@@ -103,9 +128,50 @@ def parse_line(line: str, root: Path, n: int, require_label: bool) -> Utterance:
         label=normalize_label(label) if label is not None else None,
         tt_confidence=float(conf) if conf is not None else None,
         speakers=speakers,
+        rttm=None if rttm is None else rttm if rttm.is_absolute() else root / rttm,
         line=n,
         extra=d,
     )
+
+
+def check_audio(u: Utterance, files: dict) -> None:
+    """u's audio file exists, is non-empty and readable, and holds [offset, offset + duration]
+    (SLACK_S of rounding allowed); a missing duration is read from the file's header. files: path ->
+    seconds held, so a long file that many lines cut up is opened once."""
+    if u.audio not in files:
+        if not u.audio.is_file():
+            raise ValueError(f"audio file {u.audio} not found")
+        if u.audio.stat().st_size == 0:
+            raise ValueError(f"audio file {u.audio} is empty (0 bytes)")
+        try:
+            files[u.audio] = audio_info(u.audio)[0]
+        except AudioError as e:
+            raise ValueError(f"audio file {u.audio} is not readable: {e}") from None
+    held = files[u.audio]
+    if u.offset >= held:
+        raise ValueError(f"offset {u.offset:g} s is past the end of {u.audio} ({held:.3f} s)")
+    if u.duration is None:
+        u.duration = held - u.offset
+    elif u.offset + u.duration > held + SLACK_S:
+        raise ValueError(f"offset + duration = {u.offset + u.duration:.3f} s runs past the end of {u.audio}, "
+                         f"which holds {held:.3f} s")
+
+
+def rttm_speakers(u: Utterance) -> list:
+    """The clip's turns from its rttm_filepath: [[start, end, speaker]] in seconds from the clip's
+    start. The file id is the audio file's (rttm_file_id), or the RTTM's only one."""
+    if not u.rttm.is_file():
+        raise ValueError(f"rttm_filepath {u.rttm} not found")
+    turns = read_rttm(u.rttm)
+    if not turns:
+        return []  # nobody talks in it
+    file_id = rttm_file_id(u.audio)
+    if file_id not in turns and len(turns) == 1:
+        file_id = next(iter(turns))
+    try:
+        return [list(s) for s in clip_segments(turns, file_id, u.offset, u.duration)]
+    except ValueError as e:
+        raise ValueError(f"{u.rttm}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -121,8 +187,8 @@ class Split:
 
 def load_split(paths, task: str, cfg, train: bool, seed: int = 0) -> Split:
     """Read and check every manifest, then apply seed 000's filters (DatasetConfig fields). Any bad
-    line (bad JSON or field, missing or unreadable audio, a missing transcript or label the task
-    needs) stops here with the file and line, before training starts."""
+    line (bad JSON or field, missing, unreadable or too short audio, a missing transcript or label
+    the task needs) stops here with the file and line, before training starts."""
     items, sources = [], []
     for s, path in enumerate(paths):
         for u in read_manifest(path, require_label=task == "turntaking"):
@@ -150,17 +216,7 @@ def load_split(paths, task: str, cfg, train: bool, seed: int = 0) -> Split:
 
 
 def check_item(u: Utterance, task: str) -> None:
-    """The audio exists and is readable (its duration is read from the header when the manifest
-    has none); a transcript is there for ASR."""
-    if not u.audio.is_file():
-        raise ValueError(f"audio file {u.audio} not found")
-    if u.duration is None:
-        try:
-            u.duration = sf.info(str(u.audio)).duration - u.offset
-        except RuntimeError as e:  # soundfile's error for an unreadable file
-            raise ValueError(f"audio file {u.audio} is not readable: {e}") from None
-        if u.duration <= 0:
-            raise ValueError(f"offset {u.offset} s is past the end of {u.audio}")
+    """What the task needs beyond read_manifest's checks: a transcript for ASR."""
     if task == "asr" and not (u.text or "").strip():
         raise ValueError("missing 'text' (Stage 1 trains on transcripts)")
 

@@ -20,15 +20,40 @@ class Dist:
         return self.rank == 0
 
 
-def init(device: str = "auto") -> Dist:
-    """Read torchrun's variables, pick the device (auto: cuda:LOCAL_RANK if CUDA is available) and
-    start the process group when there is more than one process."""
+def check_device(device: str, what: str = "--device") -> torch.device:
+    """The torch.device named by `device` ("auto": cuda:LOCAL_RANK where CUDA is available, else the
+    CPU; a bare "cuda" is this process's GPU under torchrun), or a ValueError naming the setting
+    (`what`) when this machine has no such device: checked before any model or process group exists."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what} {device}: not a device name (cpu, cuda, cuda:N, mps, ...)") from None
+    if dev.type == "cpu":
+        return dev
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if backend is None or not backend.is_available():
+        cpu = f"{what} cpu" if what.startswith("--") else f"{what}=cpu"
+        raise ValueError(f"{what} {device}: this machine has no {dev.type} device "
+                         f"(torch {torch.__version__}); use {cpu}")
+    if dev.type != "cuda":
+        return dev
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{what} {device}: cuda:{index} does not exist, this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def init(device: str | torch.device = "auto") -> Dist:
+    """Read torchrun's variables, pick the device (check_device) and start the process group when
+    there is more than one process."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else check_device(device, "trainer.device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
@@ -39,6 +64,16 @@ def init(device: str = "auto") -> Dist:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_together(code: int, d: Dist | None) -> int:
+    """The worst exit status of all ranks, on every rank (call it at the same point on each): a
+    rank that failed takes the others down with its status instead of leaving them waiting."""
+    if d is None or not dist.is_initialized():
+        return code
+    box = torch.tensor([code], device=d.device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def print0(*args, **kwargs) -> None:

@@ -30,7 +30,7 @@ from .qwen2 import Qwen2Config, Qwen2ForCausalLM, init_token_rows
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
 from .tokenizer import TAGS, Tokenizer, fit_embeddings
-from .weights import read_json, read_state, require, save_dir
+from .weights import read_config, read_state, require, save_dir
 
 IGNORE = -100  # label of positions that carry no loss
 
@@ -292,7 +292,7 @@ class SpeechLLM(nn.Module):
         log-mel frontend always stays float32."""
         path = Path(path)
         require(path, ("config.json", "model.safetensors", "tokenizer.json"), "a Speech-LLM checkpoint directory")
-        cfg = SpeechLLMConfig.from_dict(read_json(path / "config.json"))
+        cfg = read_config(path / "config.json", SpeechLLMConfig.from_dict)
         tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *TAGS))
         spm = path / "encoder_tokenizer.model"
         with torch.device("meta"):

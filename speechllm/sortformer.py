@@ -30,7 +30,7 @@ from .audio import LogMelFrontend, PreprocessorConfig
 from .config import build, refuse_unknown
 from .convert import dropped_keys, open_nemo, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
-from .weights import read_json, read_state, require, save_dir
+from .weights import ConversionError, read_config, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,10 @@ class SortFormer(nn.Module):
             sd = remap(table, source, model.state_dict(), f"{path} ({target})")
             model.load_state_dict(sd, strict=True)
             log.info("%s: left out, unused by the offline forward: %s", path, ", ".join(dropped_keys(table, source)))
+        except KeyError as e:  # a model_config.yaml without a section NeMo always writes
+            raise ConversionError(f"{path}: model_config.yaml: missing {e.args[0]!r}") from None
+        except TypeError as e:  # ... or with one of the wrong kind
+            raise ConversionError(f"{path}: model_config.yaml: {e}") from None
         finally:
             archive.close()
         return model.eval()
@@ -265,7 +269,7 @@ class SortFormer(nn.Module):
     def from_pretrained(cls, path) -> "SortFormer":
         path = Path(path)
         require(path, ("config.json", "model.safetensors"), "a SortFormer checkpoint directory")
-        cfg = SortFormerConfig.from_dict(read_json(path / "config.json"))
+        cfg = read_config(path / "config.json", SortFormerConfig.from_dict)
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(read_state(path, model.state_dict()), strict=True, assign=True)

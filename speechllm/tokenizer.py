@@ -14,7 +14,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .weights import read_json, write_bytes, write_json
+from .weights import ConversionError, read_json, write_bytes, write_json
 
 AUDIO = "<audio>"
 TAGS = ("<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>")
@@ -54,8 +54,14 @@ class Tokenizer:
         if (path / "tokenizer_config.json").is_file():
             config = read_json(path / "tokenizer_config.json")
         eos = _content(config.get("eos_token")) or "<|endoftext|>"
-        return cls(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), eos,
-                   _content(config.get("pad_token")), extra_special_tokens)
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any broken file
+            raise ConversionError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        try:
+            return cls(tok, eos, _content(config.get("pad_token")), extra_special_tokens)
+        except ValueError as e:  # a vocabulary without Qwen's chat tokens
+            raise ConversionError(f"{path / 'tokenizer.json'}: {e}") from None
 
     def save_pretrained(self, path):
         """Write tokenizer.json (with the added tokens and their ids) and a tokenizer_config.json

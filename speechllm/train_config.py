@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .config import build
+from .weights import yaml_problem
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,24 @@ def apply_override(d: dict, item: str) -> None:
         node = node[p]
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {p!r} is not a section")
-    node[last] = yaml.safe_load(value)
+    try:
+        node[last] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: the value is not plain YAML ({yaml_problem(e)})") from None
 
 
 def load_config(path, overrides=()) -> TrainConfig:
-    with open(path, encoding="utf-8") as f:
-        d = yaml.safe_load(f) or {}
+    """The YAML file with the overrides applied. safe_load builds plain data only: a tag such as
+    !!python/object is refused (ValueError naming the file), never run."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not plain YAML ({yaml_problem(e)})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text (UTF-8) YAML file") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (model, trainer, data, optim), got {type(d).__name__}")
     for item in overrides:
         apply_override(d, item)
     return build(TrainConfig, d)

@@ -12,8 +12,10 @@ file, and a crash leaves the old file or the new one, never a mix.
 `read_state` reads the tensor headers first and checks them against the model before any tensor is
 loaded; `check_fit` is the package's one misfit report (convert.remap and load_checkpoint_into use
 it too): every tensor missing from the file, every tensor the model does not have and every shape
-that differs, in one error. A broken file (config.json that is not JSON, a truncated or garbled
-safetensors header) is a ConversionError, a ValueError, naming the file.
+that differs, in one error. A broken file (config.json that is not JSON or lacks a section, a
+truncated or garbled safetensors header) is a ConversionError, a ValueError, naming the file.
+`check_output_dir` is the one rule for writing a model directory over something: never over the
+files it is being made from, and over another model only when asked.
 """
 import json
 import os
@@ -76,6 +78,30 @@ def write_json(path, obj) -> None:
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+# What a model directory may hold: save_dir, Tokenizer.save_pretrained and the models write these names.
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "tokenizer.model", "encoder_tokenizer.model", "generation_config.json")
+
+
+def check_output_dir(out, sources=(), force: bool = False) -> None:
+    """Refuse (ConversionError) to write a model directory `out` where it would destroy something:
+    a path that is a file; one of the `sources` it is made from (out is a source directory, or holds
+    a source file under a name it writes), even with force; a directory that already holds a model
+    (config.json or model.safetensors), unless force."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out}: is an existing file, not a directory; name a new output directory")
+    here = out.resolve()
+    for src in map(Path, sources):
+        if src.resolve() == here or (src.resolve().parent == here and src.name in MODEL_FILES):
+            raise ConversionError(f"{out}: is the input {src}; writing there would destroy it "
+                                  "(--force does not change that): name a new output directory")
+    held = [name for name in ("config.json", "model.safetensors") if (out / name).exists()]
+    if held and not force:
+        raise ConversionError(f"{out}: already holds a model ({', '.join(held)}); name a new directory, "
+                              "or pass --force to replace it")
+
+
 def save_dir(path, config: dict, state: dict, files: dict | None = None) -> None:
     """A model directory: model.safetensors (state), `files` (name -> bytes), then config.json, each
     written atomically. A stale shard index is removed: it would take precedence over the file."""
@@ -108,6 +134,26 @@ def read_json(path) -> dict:
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def yaml_problem(e: Exception) -> str:
+    """A PyYAML error (several lines, with a caret) as one line: what is wrong, and where."""
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_config(path, from_dict):
+    """from_dict(the JSON object in `path`), with a broken config.json named: a missing section or
+    key (KeyError) and a value of the wrong kind (TypeError, ValueError) become a ConversionError
+    naming the file."""
+    d = read_json(path)
+    try:
+        return from_dict(d)
+    except KeyError as e:
+        raise ConversionError(f"{path}: missing {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: {e}") from None
 
 
 @contextmanager
@@ -173,6 +219,12 @@ def read_state(path, expected: dict, dtype: torch.dtype | None = None, device="c
                     t = f.get_tensor(name)
                     state[name] = t.to(dtype) if dtype is not None else t
     return state
+
+
+def nonfinite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (a diverged or damaged
+    checkpoint), in order."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def check_fit(found: dict, expected: dict, what: str, unplaced=(), strict: bool = True) -> None:
