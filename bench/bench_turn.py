@@ -246,6 +246,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="stream order and pauses")
     p.add_argument("--turn", action="append", default=[], metavar="KEY=VALUE", help="TurnConfig field, for both engines")
     p.add_argument("--full-size", action="store_true", help="also time the full-size random-weight Speech-LLM")
+    p.add_argument("--full-size-only", action="store_true", help="time only the full-size model")
     p.add_argument("--full-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--full-threads", type=int, default=2, help="torch threads for the full-size model (bench_e2e's default)")
     p.add_argument("--full-turns", type=int, default=8, help="turns in the full-size model's stream")
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
         "clips_per_split": {s: sum(c["split"] == s for c in clips) for s in ("test", "test_heldout_engine")},
         "clips": {}, "compute_s": {}, "streams": {},
     }
-    for name, model in engines.items():
+    for name, model in engines.items() if not args.full_size_only else ():
         model.predict(torch.zeros(1, SR), torch.tensor([SR]), cfg.max_new_tokens)  # warm-up
         t0 = time.perf_counter()
         got = clip_decisions(model, cfg, clips)
@@ -294,10 +295,10 @@ def main(argv=None) -> int:
             if audio:
                 result["streams"][f"{name} ({split})"] = stream_latency(model, cfg, audio)
         result[f"{name}_wall_s"] = round(time.perf_counter() - t0, 1)
-    if args.full_size:
+    if args.full_size or args.full_size_only:
         result["full_size"] = full_size(args, cfg, [c for c in clips if c["split"] == "test"])
     print(json.dumps(result, indent=1))
-    if not args.no_table:
+    if not args.no_table and result["clips"]:
         print(table(result), file=sys.stderr)
     return 0
 
