@@ -3,6 +3,7 @@
 
     python convert_weights.py nemo parakeet-ctc-0.6b.nemo checkpoints/parakeet          # ASR / diarizer
     python convert_weights.py assemble --encoder parakeet.nemo --llm Qwen2.5-0.5B --out checkpoints/stage1
+    python convert_weights.py assemble --encoder whisper-small --llm Qwen3.5-4B --projector causal_transformer --out checkpoints/s004
     python convert_weights.py checkpoint step_3000.pt --base checkpoints/stage1 --config config.yaml --out checkpoints/tt
     python convert_weights.py salm canary-qwen/ --out checkpoints/salm                  # NeMo SALM directory
     python convert_weights.py inspect step_3000.pt
@@ -33,8 +34,7 @@ def describe(model) -> str:
         return (f"SortFormer diarizer, FastConformer {enc.n_layers} x {enc.d_model}, "
                 f"Transformer {model.cfg.transformer.num_layers} layers, {model.cfg.num_spks} speakers")
     if isinstance(model, SpeechLLM):
-        return (f"Speech-LLM: FastConformer {enc.n_layers} x {enc.d_model}, {model.cfg.projector.kind} projector, "
-                f"Qwen2 {model.cfg.llm.num_hidden_layers} x {model.cfg.llm.hidden_size}, tags {list(TAGS)}")
+        return f"Speech-LLM: {model.cfg.describe()}, tags {list(TAGS)}"
     head = f"CTC vocab {model.cfg.vocab_size}+blank" if model.cfg.vocab_size is not None else "no CTC head"
     kernels = f", speaker kernels at layers {list(model.cfg.speaker.layers)}" if model.cfg.speaker else ""
     return f"FastConformer {enc.n_layers} layers x d_model {enc.d_model}{kernels}, {head}"
@@ -50,7 +50,7 @@ def run_nemo(args):
 def run_assemble(args):
     check_output_dir(args.out, [args.encoder, args.llm], args.force)
     speaker = SpeakerKernelConfig(layers=tuple(args.speaker_kernel_layers)) if args.speaker_kernel_layers else None
-    model = assemble(args.encoder, args.llm, speaker=speaker, seed=args.seed)
+    model = assemble(args.encoder, args.llm, {"kind": args.projector}, speaker=speaker, seed=args.seed)
     model.save_pretrained(args.out)
     return model, args.out
 
@@ -118,12 +118,17 @@ def main(argv=None) -> int:
     p.set_defaults(run=run_nemo)
 
     p = sub.add_parser("assemble", formatter_class=FORMATTER,
-                       help="a fresh Speech-LLM (Stage-1 starting point) from a .nemo encoder and a Qwen2 directory")
-    p.add_argument("--encoder", required=True, help="FastConformer .nemo archive (CTC or multitalker)")
-    p.add_argument("--llm", required=True, help="Hugging Face Qwen2 / Qwen2.5 directory")
+                       help="a fresh Speech-LLM (Stage-1 starting point) from an encoder and an LLM directory")
+    p.add_argument("--encoder", required=True,
+                   help="FastConformer .nemo archive (CTC or multitalker) or its converted directory, or a Hugging "
+                        "Face Whisper directory (WhisperModel / WhisperForConditionalGeneration)")
+    p.add_argument("--llm", required=True, help="Hugging Face Qwen2 / Qwen2.5, Qwen3 or Qwen3.5 directory")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--projector", choices=("conv_transformer", "causal_transformer"), default="conv_transformer",
+                   help="the new projector; causal_transformer gets seed 004's shape (4 layers, width 512, 8 heads, "
+                        "MLP 2048, stride 1)")
     p.add_argument("--speaker-kernel-layers", type=int, nargs="*", default=None,
-                   help="add new speaker kernels at these encoder layers (e.g. 0)")
+                   help="add new speaker kernels at these encoder layers (e.g. 0; FastConformer only)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new projector's weights")
     p.set_defaults(run=run_assemble)
 

@@ -30,7 +30,7 @@ from speechllm.audio import SAMPLE_RATE, AudioError, clip_warnings, load_audio, 
 from speechllm.cli import at_least, checked
 from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
-from speechllm.model import SpeechLLM
+from speechllm.model import NO_KERNELS, SpeechLLM
 from speechllm.precision import fast_dtype
 from speechllm.sortformer import SortFormer
 from speechllm.turn import TurnConfig, TurnDetector, format_event, play
@@ -71,15 +71,26 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return fast_dtype(device) if name == "auto" else getattr(torch, name)
 
 
-def load_clips(items, max_seconds: float, min_samples: int):
+def clip_limits(model, max_seconds: float):
+    """load_clips' limits for this model: (most seconds, least samples, what sets the most, None
+    for --max-seconds). A Whisper encoder hears at most its 30 s window."""
+    if not isinstance(model, SpeechLLM):
+        return max_seconds, model.cfg.preprocessor.hop_length, None
+    window = model.max_samples / SAMPLE_RATE if model.max_samples is not None else None
+    if window is not None and window < max_seconds:
+        return window, model.hop_length, f"the Whisper encoder's {window:g} s window"
+    return max_seconds, model.hop_length, None
+
+
+def load_clips(items, max_seconds: float, min_samples: int, limit: str | None = None):
     """[(name, path, offset, duration)] -> {name: samples}, reporting and skipping bad clips."""
     clips, failed = {}, 0
     for name, path, offset, duration in items:
         try:
             audio = prepare_clip(load_audio(path, offset=offset, duration=duration), str(path), min_samples)
             if len(audio) > max_seconds * SAMPLE_RATE:
-                raise AudioError(f"{path}: {len(audio) / SAMPLE_RATE:.1f} s is longer than --max-seconds {max_seconds:g}; "
-                                 "cut it into turns first")
+                raise AudioError(f"{path}: {len(audio) / SAMPLE_RATE:.1f} s is longer than "
+                                 f"{limit or f'--max-seconds {max_seconds:g}'}; cut it into turns first")
             clips[name] = audio
         except AudioError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -168,6 +179,8 @@ def main(argv=None) -> int:
         speechllm.check_runnable(model, path)
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
+        if (args.diarizer or args.rttm) and isinstance(model, SpeechLLM) and model.cfg.encoder_kind == "whisper":
+            raise ValueError(f"{path}: --diarizer and --rttm steer speaker kernels, and {NO_KERNELS}")
         if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:
             raise ValueError(f"{path}: --diarizer and --rttm need a Speech-LLM checkpoint with speaker kernels")
         if args.diarizer and args.rttm:
@@ -187,7 +200,7 @@ def main(argv=None) -> int:
     if args.stream:
         return stream(model, args)
     items = [(p, p, 0.0, None) for p in args.audio] + [(f"{u.audio}@{u.offset:g}", u.audio, u.offset, u.duration) for u in utts]
-    clips, failed = load_clips(items, args.max_seconds, model.cfg.preprocessor.hop_length)
+    clips, failed = load_clips(items, *clip_limits(model, args.max_seconds))
     warnings = {name: clip_warnings(clips[name], p, offset, dur) for name, p, offset, dur in items if name in clips}
     speakers, targets = diarizer, None
     if rttm is not None:  # each clip's turns, in seconds from its start

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from speechllm import checkpoint, dist
 from speechllm.activity import encoder_frames, grid_of, rttm_masks
+from speechllm.audio import SAMPLE_RATE
 from speechllm.precision import fast_dtype
 from speechllm.data import ClipDataset, EpochPlan, collate, draw_probabilities, load_split
 from speechllm.lora import adapter_names, adapter_state, merged_state_dict
@@ -63,7 +64,8 @@ def parse_args(argv=None):
 
 def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
     """The starting weights: a checkpoint being resumed, an init_from directory, or a fresh model
-    assembled from a .nemo encoder and a Hugging Face Qwen2 (new parts seeded)."""
+    assembled from an encoder (.nemo, or a FastConformer or Whisper directory) and a Hugging Face
+    Qwen2 / Qwen3 / Qwen3.5 directory (new parts seeded)."""
     if resume is not None:
         model = SpeechLLM.from_pretrained(resume)
     elif mc.init_from:
@@ -80,6 +82,18 @@ def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
     if mc.tag_loss_weight is not None:
         model.cfg = dataclasses.replace(model.cfg, tag_loss_weight=mc.tag_loss_weight)
     return model
+
+
+def check_window(model: SpeechLLM, data) -> None:
+    """A Whisper encoder hears at most 30 s: refuse a data.*.max_duration that lets longer clips in."""
+    if model.max_samples is None:
+        return
+    window = model.max_samples / SAMPLE_RATE
+    for name in ("train_ds", "validation_ds"):
+        ds = getattr(data, name)
+        if ds is not None and ds.max_duration > window:
+            raise ValueError(f"data.{name}.max_duration {ds.max_duration:g} s is longer than the Whisper encoder's "
+                             f"{window:g} s window; set it to at most {window:g}")
 
 
 # -----------------------------------------------------------------------------
@@ -296,6 +310,7 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
     t0 = time.perf_counter()
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, resume, tc.seed)
+    check_window(model, cfg.data)
     unmatched = setup_trainable(model, cfg.model)
     if unmatched:
         print0(f"warning: freeze patterns matching no parameter: {unmatched}")

@@ -3,6 +3,8 @@
     model = speechllm.load("checkpoints/tt")          # any directory convert_weights.py or train.py wrote
     model = speechllm.from_nemo("parakeet.nemo")       # or a NeMo archive, read in place
     speechllm.check_runnable(model, path)              # a model that answers, with finite weights
+    encoder = speechllm.load_encoder("whisper-small/") # FastConformer (.nemo or directory) or Whisper
+    llm = speechllm.load_llm("Qwen3.5-0.8B/")          # Qwen2 / Qwen2.5, Qwen3, Qwen3.5
 """
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 from .asr import ASRModel
 from .audio import AudioError, LogMelFrontend, PreprocessorConfig, load_audio, resample
 from .convert import NemoArchive, nemo_model
+from .encoders import load_encoder
 from .fastconformer import FastConformer, FastConformerConfig
 from .llm import SUPPORTED as LLM_TYPES
 from .llm import load_llm

@@ -71,6 +71,8 @@ class Grid:
 
 def grid_of(cfg) -> Grid:
     """The grid of a model whose config has a preprocessor and an encoder (ASR, Speech-LLM, SortFormer)."""
+    if cfg.preprocessor is None:  # a Whisper Speech-LLM: no speaker kernels, so no activity grid either
+        raise ValueError("speaker activity steers FastConformer speaker kernels; this model's encoder is Whisper")
     return Grid(cfg.preprocessor.sample_rate / cfg.preprocessor.hop_length, cfg.encoder.subsampling_factor)
 
 

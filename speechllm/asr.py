@@ -104,6 +104,11 @@ class ASRModel(nn.Module):
             self.tokenizer = spm.SentencePieceProcessor(model_proto=tokenizer_model)
 
     @property
+    def out_dim(self) -> int:
+        """Width of the encoded frames, as WhisperEncoder.out_dim."""
+        return self.cfg.encoder.out_dim
+
+    @property
     def blank_id(self) -> int:
         return self.cfg.vocab_size
 

@@ -43,13 +43,22 @@ class LoRALinear(nn.Module):
         return self.weight + (self.lora_B @ self.lora_A) * self.scaling
 
 
+ALL_LINEAR = "all-linear"  # PEFT's name for every Linear layer but the output head
+
+
 def apply_lora(llm: nn.Module, r: int, alpha: float, dropout: float, target_modules) -> list[str]:
     """Replace every nn.Linear whose own name is in target_modules (PEFT matches the last name
-    component) by a LoRALinear; return the replaced names. The head is never a target."""
+    component) by a LoRALinear; return the replaced names. target_modules ("all-linear",) takes
+    every Linear, as PEFT's "all-linear": in Qwen3.5 that includes the DeltaNet projections
+    (in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj), not its depthwise conv1d. The head
+    (`lm_head`) is never a target."""
+    every = tuple(target_modules) == (ALL_LINEAR,)
     replaced = []
     for name, module in list(llm.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in target_modules and type(child) is nn.Linear:
+            if module is llm and child_name == "lm_head":
+                continue
+            if (every or child_name in target_modules) and type(child) is nn.Linear:
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
                 replaced.append(f"{name}.{child_name}" if name else child_name)
     if not replaced:

@@ -1,9 +1,14 @@
 """The Speech-LLM: listen to a clip, write its transcript, then one turn-taking tag.
 
-    audio (B, N) 16 kHz --preprocessor--> (B, n_mels, T_mel) 10 ms
-          --encoder (+ speaker kernels)--> (B, T, D_enc) 80 ms
+    audio (B, N) 16 kHz --features--> (B, n_mels, T_mel) 10 ms
+          --encoder (+ speaker kernels)--> (B, T, D_enc) 80 ms (FastConformer) or 20 ms (Whisper)
           --projector--> (B, T', D) 160 ms (conv_transformer, stride 2)
-    prompt ids with one <audio> --embed, splice--> (B, L, D) --Qwen2--> logits (B, L, V)
+    prompt ids with one <audio> --embed, splice--> (B, L, D) --LLM--> logits (B, L, V)
+
+Any encoder with any LLM: the encoder is a FastConformer (NeMo's log-mel front end in
+`preprocessor`, optional speaker kernels) or a Whisper encoder (its own front end and 30 s window,
+no speaker kernels), `cfg.encoder_kind`; the LLM is Qwen2/Qwen2.5, Qwen3 or Qwen3.5, by the
+model_type of `cfg.llm` (speechllm.llm). Seed 004's system is Whisper + causal_transformer + Qwen3.5.
 
 The prompt is Qwen's chat format: a user turn holding <audio> and an instruction, then the
 assistant answers "transcript <TAG>" (or just "<TAG>" with answer_format "tag_only"), closed by
@@ -20,19 +25,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .asr import ASRModel
 from .audio import LogMelFrontend, PreprocessorConfig
 from .config import build, refuse_unknown
+from .encoders import encoder_kind, load_encoder
 from .fastconformer import FastConformer, FastConformerConfig
 from .generate import generate
+from .llm import build_llm, llm_config, llm_name, load_llm
 from .projector import ProjectorConfig, build_projector
-from .qwen2 import Qwen2Config, Qwen2ForCausalLM, init_token_rows
+from .qwen2 import Qwen2Config, init_token_rows
+from .qwen3_5 import Qwen3_5Config
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
 from .tokenizer import TAGS, Tokenizer, fit_embeddings
 from .weights import read_config, read_state, require, save_dir
+from .whisper import WhisperEncoder, WhisperEncoderConfig, WhisperFrontend
 
 IGNORE = -100  # label of positions that carry no loss
+NO_KERNELS = "speaker kernels are FastConformer-only (NeMo's SpeakerKernelMixin); this Speech-LLM's encoder is Whisper"
 
 
 @dataclass(frozen=True)
@@ -59,18 +68,41 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class SpeechLLMConfig:
-    preprocessor: PreprocessorConfig
-    encoder: FastConformerConfig
+    preprocessor: PreprocessorConfig | None  # FastConformer's NeMo log-mel; None with Whisper (its own, in `encoder`)
+    encoder: FastConformerConfig | WhisperEncoderConfig
     projector: ProjectorConfig
-    llm: Qwen2Config
+    llm: Qwen2Config | Qwen3_5Config
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tag_loss_weight: float = 5.0  # seed 000: the tag token's cross-entropy counts 5x
     speaker: SpeakerKernelConfig | None = None  # speaker kernels in the encoder; None: none
 
+    def __post_init__(self):
+        if self.encoder_kind == "whisper":
+            if self.speaker is not None:
+                raise ValueError(NO_KERNELS)
+            if self.preprocessor is not None:
+                raise ValueError("a Whisper Speech-LLM has no NeMo preprocessor: Whisper's front end is part of "
+                                 "its encoder config")
+        elif self.preprocessor is None:
+            raise ValueError("a FastConformer Speech-LLM needs its preprocessor config")
+
+    @property
+    def encoder_kind(self) -> str:
+        """'fastconformer' or 'whisper'; config.json says it as `encoder_kind` (absent: fastconformer)."""
+        return "whisper" if isinstance(self.encoder, WhisperEncoderConfig) else "fastconformer"
+
+    def describe(self) -> str:
+        """One line for messages, e.g. 'Whisper encoder 4 x 384, causal_transformer projector, Qwen3.5 24 x 1024'."""
+        e = self.encoder
+        enc = (f"Whisper encoder {e.encoder_layers} x {e.d_model}" if self.encoder_kind == "whisper"
+               else f"FastConformer {e.n_layers} x {e.d_model}")
+        return (f"{enc}, {self.projector.kind} projector, "
+                f"{llm_name(self.llm)} {self.llm.num_hidden_layers} x {self.llm.hidden_size}")
+
     def to_dict(self) -> dict:
         return {
-            "model_type": "speechllm",
-            "preprocessor": self.preprocessor.to_dict(), "encoder": self.encoder.to_dict(),
+            "model_type": "speechllm", "encoder_kind": self.encoder_kind,
+            "preprocessor": self.preprocessor.to_dict() if self.preprocessor else None, "encoder": self.encoder.to_dict(),
             "projector": self.projector.to_dict(), "llm": self.llm.to_hf(),
             "prompt": asdict(self.prompt), "tag_loss_weight": self.tag_loss_weight,
             "speaker_kernels": self.speaker.to_dict() if self.speaker else None,
@@ -80,13 +112,17 @@ class SpeechLLMConfig:
     def from_dict(cls, d: dict) -> "SpeechLLMConfig":
         if d.get("model_type") != "speechllm":
             raise ValueError(f"not a Speech-LLM config: model_type={d.get('model_type')!r}")
-        refuse_unknown(d, ("model_type", "preprocessor", "encoder", "projector", "llm", "prompt", "tag_loss_weight",
-                           "speaker_kernels"))
+        refuse_unknown(d, ("model_type", "encoder_kind", "preprocessor", "encoder", "projector", "llm", "prompt",
+                           "tag_loss_weight", "speaker_kernels"))
+        kind = d.get("encoder_kind", "fastconformer")  # files written before Whisper have no encoder_kind
+        if kind not in ("fastconformer", "whisper"):
+            raise ValueError(f"encoder_kind {kind!r} is not 'fastconformer' or 'whisper'")
+        whisper = kind == "whisper"
         return cls(
-            preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]),
-            encoder=FastConformerConfig.from_dict(d["encoder"]),
+            preprocessor=PreprocessorConfig.from_dict(d["preprocessor"]) if d.get("preprocessor") is not None else None,
+            encoder=WhisperEncoderConfig.from_dict(d["encoder"]) if whisper else FastConformerConfig.from_dict(d["encoder"]),
             projector=ProjectorConfig.from_dict(d["projector"]),
-            llm=Qwen2Config.from_hf(d["llm"]),
+            llm=llm_config(d["llm"]),
             prompt=PromptConfig.from_dict(d.get("prompt", {})),
             tag_loss_weight=d.get("tag_loss_weight", 5.0),
             speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if d.get("speaker_kernels") else None,
@@ -97,13 +133,16 @@ class SpeechLLM(nn.Module):
     def __init__(self, cfg: SpeechLLMConfig, tokenizer: Tokenizer, encoder_tokenizer: bytes | None = None):
         super().__init__()
         self.cfg = cfg
-        self.preprocessor = LogMelFrontend(cfg.preprocessor)
-        self.encoder = FastConformer(cfg.encoder)
+        if cfg.encoder_kind == "whisper":  # its front end is part of the encoder (encoder.frontend)
+            self.preprocessor, self.encoder = None, WhisperEncoder(cfg.encoder)
+        else:
+            self.preprocessor = LogMelFrontend(cfg.preprocessor)
+            self.encoder = FastConformer(cfg.encoder)
         self.spk_kernels = self.bg_spk_kernels = None
         if cfg.speaker is not None:  # top-level, so the keys are NeMo's: spk_kernels.<L>.0.weight, ...
             self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg.speaker, cfg.encoder.d_model, cfg.encoder.n_layers)
         self.projector = build_projector(cfg.projector)
-        self.llm = Qwen2ForCausalLM(cfg.llm)
+        self.llm = build_llm(cfg.llm)
         self.tokenizer = tokenizer
         self.encoder_tokenizer = encoder_tokenizer  # the encoder's SentencePiece model, kept with it
         self.audio_id = tokenizer.token_to_id(cfg.prompt.audio_token)
@@ -119,10 +158,34 @@ class SpeechLLM(nn.Module):
 
         spk_targets / bg_spk_targets (B, T) are the target speaker's and the other speakers' activity
         per 80 ms encoder frame (speaker.py); None gives NeMo's single-speaker defaults."""
-        feats, feat_lens = self.preprocessor(audio, lengths)
-        hook = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
-        x, lens = self.encoder(feats, feat_lens, layer_hook=hook)  # (B, T, D_enc)
+        x, lens = self.encode(*self.features(audio, lengths), spk_targets, bg_spk_targets)  # (B, T, D_enc)
         return self.projector(x, lens)  # (B, T', D)
+
+    def features(self, audio: torch.Tensor, lengths: torch.Tensor):
+        """audio (B, N) at 16 kHz, lengths (B,) samples -> log-mel (B, n_mels, T_mel) float32, (B,) frames:
+        NeMo's front end (FastConformer), or Whisper's (T_mel always 3000, a 30 s window)."""
+        if self.cfg.encoder_kind == "whisper":
+            return self.encoder.features(audio, lengths)
+        return self.preprocessor(audio, lengths)
+
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor, spk_targets=None, bg_spk_targets=None):
+        """features(...)'s output -> encoded (B, T, D_enc), (B,) frames, as ASRModel / WhisperEncoder.encode."""
+        if self.cfg.encoder_kind == "whisper":
+            if spk_targets is not None or bg_spk_targets is not None:
+                raise ValueError(NO_KERNELS)
+            return self.encoder.encode(features, lengths)
+        hook = kernel_hook(self.spk_kernels, self.bg_spk_kernels, spk_targets, bg_spk_targets)
+        return self.encoder(features, lengths, layer_hook=hook)
+
+    @property
+    def hop_length(self) -> int:
+        """Samples per feature frame: the least audio that makes one encoder frame."""
+        return (self.cfg.encoder if self.cfg.encoder_kind == "whisper" else self.cfg.preprocessor).hop_length
+
+    @property
+    def max_samples(self) -> int | None:
+        """The longest clip the encoder takes: Whisper's window (30 s), or None (any length)."""
+        return self.cfg.encoder.n_samples if self.cfg.encoder_kind == "whisper" else None
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -262,6 +325,8 @@ class SpeechLLM(nn.Module):
         """Freshly initialised speaker kernels (speaker.init_weights: they add exactly 0 at first),
         in place of any the model has. Seeded on their own, so the draw does not depend on what
         else is new."""
+        if self.cfg.encoder_kind == "whisper":
+            raise ValueError(NO_KERNELS)
         torch.manual_seed(seed)
         self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg, self.cfg.encoder.d_model, self.cfg.encoder.n_layers)
         init_speaker_kernels(self.spk_kernels, self.bg_spk_kernels)
@@ -307,35 +372,60 @@ class SpeechLLM(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         if tied:
             model.llm.tie_weights()  # assign=True gave the head its own Parameter object
+        if cfg.encoder_kind == "whisper":  # its window and filters are computed, never stored: build them for real
+            model.encoder.frontend = WhisperFrontend(cfg.encoder)
         if dtype is not None:
-            model.to(dtype)  # the frontend stays float32 (LogMelFrontend._apply)
-        model.preprocessor.float()  # also when the file stored the frontend's buffers in bf16
+            model.to(dtype)  # the frontend stays float32 (LogMelFrontend._apply, WhisperFrontend._apply)
+        if model.preprocessor is not None:
+            model.preprocessor.float()  # also when the file stored the frontend's buffers in bf16
         return model.eval()
+
+
+def fitted_projector(d_enc: int, d_llm: int, fields: dict | None = None) -> ProjectorConfig:
+    """The default projector for these widths, `fields` over it. Each kind has its own defaults:
+    conv_transformer (seed 000) works at the LLM's width, with 64-wide heads and a 4x MLP;
+    causal_transformer is seed 004's: 4 layers at width 512, 8 heads, MLP 2048, and stride 1
+    (one LLM position per encoder frame: 50 per second from Whisper, 1500 for a 30 s clip)."""
+    fields = dict(fields or {})
+    kind = fields.get("kind", "conv_transformer")
+    fitted = ProjectorConfig(kind=kind, in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
+    if kind == "causal_transformer":
+        fitted = replace(fitted, stride=1, n_layers=4, hidden=512, n_heads=8, ffn_dim=2048)
+    return ProjectorConfig.from_dict({**fitted.to_dict(), **fields})
 
 
 def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = None, prompt: PromptConfig | None = None,
              speaker: SpeakerKernelConfig | None = None, seed: int = 0) -> SpeechLLM:
-    """A fresh Speech-LLM, the Stage-1 starting point: the preprocessor and encoder of a NeMo
-    FastConformer archive, a Hugging Face Qwen2 directory, a new projector, and the <audio> and tag
-    tokens. Pretrained weights are kept as they are; only new parameters are initialised.
+    """A fresh Speech-LLM, the Stage-1 starting point: an encoder (load_encoder: a FastConformer
+    .nemo archive or its converted directory, or a Hugging Face Whisper directory), an LLM directory
+    (load_llm: Qwen2 / Qwen2.5, Qwen3, Qwen3.5), a new projector, and the <audio> and tag tokens.
+    Pretrained weights are kept as they are; only new parameters are initialised.
 
-    projector: its config, or fields over the default (conv_transformer at the encoder's and the
-    LLM's widths). speaker: new speaker kernels, unless the archive's own (trained) ones have this
-    config; None keeps the archive's, if any."""
-    asr = ASRModel.from_nemo(encoder_nemo)
-    llm = Qwen2ForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    projector: its config, or fields over the default for its kind at the encoder's and the LLM's
+    widths (fitted_projector; conv_transformer unless `kind` says otherwise). speaker: new speaker
+    kernels, unless the archive's own (trained) ones have this config; None keeps the archive's,
+    if any. FastConformer only: a Whisper encoder has none and refuses them."""
+    asr = load_encoder(encoder_nemo)  # an ASRModel, or a WhisperEncoder
+    whisper = encoder_kind(asr) == "whisper"
+    if whisper and speaker is not None:
+        raise ValueError(NO_KERNELS)
+    llm = load_llm(llm_dir, dtype=torch.float32)
     prompt = prompt or PromptConfig()
     tok = Tokenizer.from_pretrained(llm_dir, extra_special_tokens=(prompt.audio_token, *TAGS))
     fit_embeddings(llm, tok)
     if not isinstance(projector, ProjectorConfig):
-        d_enc, d_llm = asr.cfg.encoder.out_dim, llm.config.hidden_size
-        fitted = ProjectorConfig(in_dim=d_enc, out_dim=d_llm, n_heads=max(1, d_llm // 64), ffn_dim=4 * d_llm)
-        projector = ProjectorConfig.from_dict({**fitted.to_dict(), **(projector or {})})
-    cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=asr.cfg.speaker)
+        projector = fitted_projector(asr.out_dim, llm.config.hidden_size, projector)
+    if whisper:
+        cfg = SpeechLLMConfig(None, asr.cfg, projector, llm.config, prompt)
+    else:
+        cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=asr.cfg.speaker)
     with torch.device("meta"):
-        model = SpeechLLM(cfg, tok, asr.tokenizer_model)
-    model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
-    model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
+        model = SpeechLLM(cfg, tok, None if whisper else asr.tokenizer_model)
+    if whisper:
+        model.encoder, model.llm = asr, llm
+    else:
+        model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
+        model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
     if speaker is not None and speaker != asr.cfg.speaker:
         model.new_speaker_kernels(speaker, seed)
     model.new_projector(projector, seed)

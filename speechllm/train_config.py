@@ -23,10 +23,13 @@ class LoRAConfig:
     r: int = 8
     lora_alpha: float = 32.0  # the update is scaled by lora_alpha / r
     lora_dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # PEFT's default for model_type qwen2
+    # PEFT's default for model_type qwen2; "all-linear" (seed 004): every Linear of the LLM but its head
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     task_type: str = "CAUSAL_LM"  # accepted for NeMo/PEFT compatibility; only CAUSAL_LM exists here
 
     def __post_init__(self):
+        if isinstance(self.target_modules, str):  # `target_modules: all-linear`, as PEFT spells it
+            object.__setattr__(self, "target_modules", (self.target_modules,))
         if self.r < 1:
             raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
         if not 0 <= self.lora_dropout < 1:
@@ -38,7 +41,8 @@ class LoRAConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     # Where the weights come from: a Speech-LLM directory (Stage 2 starts from Stage 1's step_N/),
-    # or, for a fresh Stage-1 model, a NeMo FastConformer .nemo plus a Hugging Face Qwen2 directory.
+    # or, for a fresh Stage-1 model, an encoder (a NeMo FastConformer .nemo or its converted
+    # directory, or a Hugging Face Whisper directory) plus a Hugging Face Qwen2 / Qwen3 / Qwen3.5 directory.
     init_from: str | None = None
     pretrained_asr: str | None = None
     pretrained_llm: str | None = None

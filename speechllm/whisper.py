@@ -16,8 +16,8 @@ Whisper's view of the silence after the clip, and a caller keeps only `lengths` 
 - Front end: samples past each length are zeroed, so a padded batch gives each item's own features
   (the max - 8 floor is per example). It runs in float32 with autocast off, whatever the encoder's
   dtype; its window and filters are computed here, not stored in checkpoints (transformers does the
-  same). Dither, if configured, is added in training mode only. Cast with `from_pretrained(dtype=...)`:
-  a blanket `model.to(dtype)` would round the front end's filter buffers too.
+  same), and stay float32 through any `model.to(dtype)` (as audio.LogMelFrontend). Dither, if
+  configured, is added in training mode only.
 - Encoder: `embed_positions` is read from the checkpoint, never recomputed: in a bf16/fp16 checkpoint
   the stored table is the rounded one. k_proj has no bias. GELU is the erf form.
 
@@ -160,6 +160,14 @@ class WhisperFrontend(nn.Module):
         # Not persistent: computed, never loaded, and absent from upstream checkpoints.
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)  # periodic, (n_fft,)
         self.register_buffer("mel_filters", whisper_mel_filters(cfg), persistent=False)  # (n_mels, n_freqs)
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves (.to, .bfloat16(), .cuda(), ...) take the device but keep the buffers
+        float32 with their float32 values: a bf16 round trip would round the mel filters."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device=fn(buf).device, dtype=torch.float32)
+        return self
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):
