@@ -13,7 +13,6 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from make_fixtures import (CLIP_SAMPLES, SPECIALS, min_margin, probes, read_wav, save_tensors, seed_all,

@@ -4,15 +4,16 @@ themselves (transformers, NeMo) and the outputs those libraries compute from the
 This runs in its own environment, never the project's (transformers and NeMo are not dependencies):
 
     python3 -m venv /tmp/venv_fx
-    /tmp/venv_fx/bin/pip install torch==2.13.0
-    /tmp/venv_fx/bin/pip install -c constraints.txt transformers==5.23.0 "nemo_toolkit[asr]==3.0.0" \
-        tokenizers safetensors sentencepiece soundfile numpy pyyaml      # constraints.txt: torch==2.13.0
+    /tmp/venv_fx/bin/pip install torch==2.13.0                  # first, so that pip keeps the CPU build
+    echo torch==2.13.0 > /tmp/constraints.txt
+    /tmp/venv_fx/bin/pip install -c /tmp/constraints.txt transformers==5.23.0 "nemo_toolkit[asr]==3.0.0" \
+        peft==0.21.2                                             # peft: SALM imports it
     /tmp/venv_fx/bin/python tools/make_fixtures.py tests/fixtures            # every part
     /tmp/venv_fx/bin/python tools/make_fixtures.py tests/fixtures qwen2 whisper   # some parts
 
 Parts run in dependency order: audio and the tokenizer first (every model uses them), then the
-transformers models (tools/fixtures_hf.py), then the NeMo ones (tools/fixtures_nemo.py; salm needs
-asr_ctc and qwen2). Everything is seeded; espeak-ng supplies the speech. The file names, formats,
+transformers models (tools/fixtures_hf.py), then the NeMo ones (tools/fixtures_nemo.py, then
+tools/fixtures_nemo_diar_salm.py: salm needs asr_ctc and qwen2). Everything is seeded; espeak-ng supplies the speech. The file names, formats,
 configs and reference keys are the ones tests/conftest.py and the tests read (tests/fixtures/README.md
 lists them)."""
 import argparse
@@ -56,7 +57,8 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    out["espeak-ng"] = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip()
+    espeak = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
+    out["espeak-ng"] = espeak.split("  Data at")[0].strip()
     return out
 
 
@@ -114,22 +116,29 @@ def to_int16_grid(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.round(x * 32768), -32768, 32767) / 32768).astype(np.float32)
 
 
+def noise_floor(n: int, seed: int) -> np.ndarray:
+    """1e-3 rms Gaussian noise: every mel band keeps some energy, so rounding the input (to bf16,
+    say) does not dominate the log of an empty band."""
+    return 1e-3 * np.random.default_rng(seed).standard_normal(n)
+
+
 def make_audio(out: Path) -> dict:
-    texts = {"audio_0.wav": "Please turn on the kitchen light now.",
-             "audio_1.wav": "Can you call me back later?"}
+    # Sibilants and fricatives put energy above 5 kHz, where the high mel bands would be near empty.
+    texts = {"audio_0.wav": "Please switch on the kitchen lights, it's so dark.",
+             "audio_1.wav": "She sells sea shells, see?"}
     info = {}
-    for name, text in texts.items():
+    for k, (name, text) in enumerate(texts.items()):
         y = fit_speech(text, "en-us", CLIP_SAMPLES[name])
-        x = np.zeros(CLIP_SAMPLES[name])
+        x = noise_floor(CLIP_SAMPLES[name], 100 + k)
         start = int(0.08 * SR)
-        x[start:start + len(y)] = 0.5 * y
+        x[start:start + len(y)] += 0.5 * y
         sf.write(out / name, to_int16_grid(x), SR, subtype="PCM_16")
         info[name] = {"text": text, "voice": "en-us", "num_samples": len(x),
                       "speech_s": [start / SR, (start + len(y)) / SR]}
     # Two voices that overlap: A from 0.10 s, B starting before A ends.
     a = fit_speech("I think we should leave at nine tomorrow.", "en-us+m3", int(2.3 * SR))
     b = fit_speech("Sure, and bring the map along too.", "en-us+f3", int(2.4 * SR))
-    mix = np.zeros(MIX_SAMPLES)
+    mix = noise_floor(MIX_SAMPLES, 102)
     a0 = int(0.10 * SR)
     b0 = a0 + len(a) - int(0.55 * SR)  # ~0.55 s of overlap
     b0 = min(b0, MIX_SAMPLES - len(b) - int(0.12 * SR))
@@ -251,7 +260,7 @@ def main(argv=None):
     parts = args.parts or list(PARTS)
     if set(parts) - set(PARTS):
         parser.error(f"unknown part(s): {', '.join(sorted(set(parts) - set(PARTS)))}")
-    out = args.out
+    out = args.out.resolve()  # SALM runs with the fixture folder as its working directory
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     tok_dir = out / "llm_hf"
@@ -264,15 +273,21 @@ def main(argv=None):
         import fixtures_hf
         for part in hf:
             getattr(fixtures_hf, f"make_{part}")(out)
-    nemo = [p for p in parts if p in ("asr_ctc", "asr_spk_kernel", "diar_sortformer", "salm")]
-    if nemo:
+    for part in [p for p in parts if p in ("asr_ctc", "asr_spk_kernel")]:
         import fixtures_nemo
-        for part in nemo:
-            getattr(fixtures_nemo, f"make_{part}")(out)
-    write_json(out / "MANIFEST.json", {
-        "versions": versions(),
-        "files": {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()
-                  and p.name != "MANIFEST.json"}})
+        getattr(fixtures_nemo, f"make_{part}")(out)
+    for part in [p for p in parts if p in ("diar_sortformer", "salm")]:
+        import fixtures_nemo_diar_salm
+        getattr(fixtures_nemo_diar_salm, f"make_{part}")(out)
+    write_manifest(out)
+
+
+def write_manifest(out: Path):
+    """MANIFEST.json: the library versions and every generated file with its size (README.md is
+    written by hand)."""
+    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+             if p.is_file() and str(p.relative_to(out)) not in ("MANIFEST.json", "README.md")}
+    write_json(out / "MANIFEST.json", {"versions": versions(), "files": files})
 
 
 if __name__ == "__main__":
