@@ -331,6 +331,7 @@ def make_asr_spk_kernel(out: Path):
     t, facts = spk_kernel_reference(model, clips, seed + 1)
     save_tensors(out / "asr_spk_kernel_ref.safetensors", t)
     cfg = OmegaConf.to_container(model.cfg, resolve=True)
+    cfg["tokenizer"].pop("dir", None)  # a temporary folder at build time
     write_json(out / "asr_spk_kernel_ref.json", {
         "versions": versions(), "seed": seed, "masks_seed": seed + 1, "file": "asr_spk_kernel.nemo",
         "model_class": "nemo.collections.asr.models.multitalker_asr_models.EncDecMultiTalkerRNNTBPEModel",
