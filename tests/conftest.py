@@ -23,18 +23,29 @@ from speechllm.sortformer import SortFormer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Upstream reference outputs live beside the checkout, read-only: ../shared/fixtures.
-FIXTURES = Path(os.environ.get("SPEECHLLM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+
+
+def fixtures_dir() -> Path:
+    """Where the upstream reference checkpoints and outputs are read from: $SPEECHLLM_FIXTURES if
+    set; else the repository's own tests/fixtures (written by tools/make_fixtures.py with
+    transformers and NeMo, so a plain clone can test); else ../shared/fixtures beside the checkout."""
+    if os.environ.get("SPEECHLLM_FIXTURES"):
+        return Path(os.environ["SPEECHLLM_FIXTURES"])
+    if (ROOT / "tests" / "fixtures").is_dir():
+        return ROOT / "tests" / "fixtures"
+    return ROOT.parent / "shared" / "fixtures"
+
+
+FIXTURES = fixtures_dir()
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    """The upstream fixtures' folder. They may not be copied into this repository (their README
-    says so), so a clone without them skips the parity tests with this one reason; CI (CI=true)
-    has them, and fails instead of skipping."""
+    """The upstream fixtures' folder (fixtures_dir). Without one the parity tests skip with this
+    one reason; under CI (CI=true) they fail instead."""
     if not FIXTURES.is_dir():
-        message = (f"upstream fixtures not found at {FIXTURES}: put the shared fixtures folder beside "
-                   f"the checkout (../shared/fixtures) or set SPEECHLLM_FIXTURES")
+        message = (f"upstream fixtures not found at {FIXTURES}: regenerate tests/fixtures with "
+                   f"tools/make_fixtures.py, or set SPEECHLLM_FIXTURES")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
