@@ -125,12 +125,15 @@ def clip_segments(rttm: dict[str, list[Segment]], file_id: str, offset: float = 
 
 
 def probs_to_segments(probs: torch.Tensor, threshold: float = 0.5, min_duration: float = 0.0,
-                      frame_s: float = Grid().frame_s) -> list[Segment]:
+                      frame_s: float = Grid().frame_s, unit_s: float = 0.01) -> list[Segment]:
     """One item's valid diarizer frames (T, S) -> [(start s, end s, "speaker_<k>")], sorted by start.
 
     Frame t is active when its probability is above `threshold` and spans [t, t + 1) * frame_s; a
     run of active frames is one segment, kept if it lasts at least `min_duration` seconds. With the
-    defaults this is NeMo's default diarize() post-processing (onset = offset = 0.5, no padding)."""
+    defaults this is NeMo's default diarize() post-processing (onset = offset = 0.5, no padding),
+    including its end rule: NeMo repeats each frame on a 10 ms grid and closes a run still open at
+    the end at the last 10 ms step's start, so such a segment ends `unit_s` before the last frame's
+    end (4.07 s, not 4.08 s)."""
     active = F.pad((probs > threshold).to(torch.int8).T, (1, 1))  # (S, T + 2), a silent frame each side
     edges = active.diff(dim=1)  # +1 at an onset, -1 one past an offset
     segments = []
@@ -138,8 +141,9 @@ def probs_to_segments(probs: torch.Tensor, threshold: float = 0.5, min_duration:
         starts = (edges[k] == 1).nonzero().flatten().tolist()
         ends = (edges[k] == -1).nonzero().flatten().tolist()
         for a, b in zip(starts, ends):
-            if (b - a) * frame_s >= min_duration:
-                segments.append((round(a * frame_s, 6), round(b * frame_s, 6), f"speaker_{k}"))
+            start, end = a * frame_s, b * frame_s - (unit_s if b == probs.shape[0] else 0.0)
+            if end - start >= min_duration:
+                segments.append((round(start, 6), round(end, 6), f"speaker_{k}"))
     return sorted(segments, key=lambda seg: (seg[0], seg[2]))
 
 

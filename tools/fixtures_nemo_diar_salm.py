@@ -123,11 +123,11 @@ def make_diar_sortformer(out: Path):
             last = last_talker(t["single0.preds"][0])
         margin = min(r["min_abs_prob_minus_half"] for r in runs.values())
         # NeMo's post-processing ends a segment still open at the last frame 10 ms before that
-        # frame's end (binarization's last index); speechllm.activity.probs_to_segments ends it at
-        # the frame edge. The shared fixtures never had a speaker active there; keep it so.
+        # frame's end (binarization's last index); want a seed where someone talks at the end of a
+        # clip, so that the RTTM reference covers that rule (probs_to_segments' unit_s).
         open_end = any((t[f"single{i}.preds"][0, -1] > 0.5).any() for i in range(2))
-        if last == [1] and not open_end:
-            print(f"  diar seed {seed}: speaker 1 talks last, nobody at the end, min |p - 0.5| {margin:.4f}")
+        if last == [1] and open_end:
+            print(f"  diar seed {seed}: speaker 1 talks last, someone at the end, min |p - 0.5| {margin:.4f}")
             if margin > 1e-3:
                 break
     else:
