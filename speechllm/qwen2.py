@@ -364,7 +364,8 @@ class Qwen2ForCausalLM(nn.Module):
         mask = attention_mask_4d(attention_mask, L, past)
         hidden_states = []
         for layer in self.model.layers:
-            hidden_states.append(h)
+            if output_hidden_states:  # else no layer's output outlives the next layer
+                hidden_states.append(h)
             h = layer(h, cos, sin, mask, cache)
         h = self.model.norm(h)
         hidden_states.append(h)  # HF: the last entry is after the final norm
