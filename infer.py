@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="transcript length limit in tokens (default: %(default)s)")
+    p.add_argument("--decoding", choices=["greedy", "speculative"], default=None,
+                   help="greedy: one LLM pass per token; speculative: the LLM verifies the CTC head's transcript in "
+                        "one pass, with the same answer (default: speculative where the model has a CTC head)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer clips (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="diarizer: speaker activity threshold (default: %(default)s)")
     p.add_argument("--min-duration", type=float, default=0.0, help="diarizer: drop shorter segments, seconds (default: %(default)s)")
@@ -107,7 +110,7 @@ def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, 
                 out = predict_with_activity(model, audio, lengths, clip_speakers, args.target_speaker, max_new_tokens,
                                             args.threshold)
             else:
-                out = model.predict(audio, lengths, max_new_tokens)
+                out = model.predict(audio, lengths, max_new_tokens, decoding=args.decoding)
             results.update(zip(chunk, out))
         bar.update(len(chunk))
     bar.close()
@@ -159,6 +162,8 @@ def main(argv=None) -> int:
         utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
+        if args.decoding == "speculative" and getattr(model, "ctc", None) is None:
+            raise ValueError(f"{path}: --decoding speculative drafts with a CTC head, and this checkpoint has none")
         if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:
             raise ValueError(f"{path}: --diarizer and --rttm need a Speech-LLM checkpoint with speaker kernels")
         if args.diarizer and args.rttm:
@@ -189,6 +194,9 @@ def main(argv=None) -> int:
         scored = [(u.label, results[name]["tag"]) for u, (name, *_) in zip(utts, items[len(args.audio):])
                   if name in results]
         report = classification_report([t for t, _ in scored], [p for _, p in scored])
+        if args.json:  # what the draft saved, over the manifest
+            done = [results[name] for _, (name, *_) in zip(utts, items[len(args.audio):]) if name in results]
+            report["decoding"] = {k: sum(r[k] for r in done) for k in ("llm_passes", "draft_tokens", "accepted_tokens")}
         print(json.dumps(report) if args.json else format_report(report))
     return 1 if failed else 0
 
