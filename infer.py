@@ -29,6 +29,8 @@ from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import SpeechLLM
 from speechllm.precision import fast_dtype
+from speechllm.quant import quantize_int8
+from speechllm.qwen2 import Qwen2ForCausalLM
 from speechllm.sortformer import SortFormer
 from speechllm.turn import TurnConfig, TurnDetector, format_event, play
 
@@ -43,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="write one JSON object per clip instead of text lines")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weight precision; auto = bfloat16 where it measures faster than float32 on this CPU/GPU, else float32 (default: %(default)s)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 for the LLM's linear layers (speechllm/quant.py), for decode-bound "
+                        "CPUs; it moves the logits a little, so measure your tags with and without it (default: off)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="transcript length limit in tokens (default: %(default)s)")
@@ -162,6 +167,10 @@ def main(argv=None) -> int:
         utts = read_manifest(args.manifest, require_label=True) if args.manifest else []
         if utts and not isinstance(model, SpeechLLM):
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
+        if args.quantize:
+            if not isinstance(model, SpeechLLM) or not isinstance(model.llm, Qwen2ForCausalLM):
+                raise ValueError(f"{path}: --quantize int8 is for a Speech-LLM with a Qwen2 / Qwen3 LLM")
+            quantize_int8(model.llm)
         if args.decoding == "speculative" and getattr(model, "ctc", None) is None:
             raise ValueError(f"{path}: --decoding speculative drafts with a CTC head, and this checkpoint has none")
         if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:

@@ -339,7 +339,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         """The decoding cache generate() fills: room for max_len tokens (prompt + new) per row."""
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # the model's dtype even with an int8 head (quant.py)
         return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype,
                        device=device or w.device)
 

@@ -31,6 +31,7 @@ not a (B, N, V) score tensor.
 
 Dimension letters: B batch, L prompt positions, P prefix tokens, W tokens per pass, V vocabulary.
 """
+import itertools
 import time
 from typing import NamedTuple
 
@@ -60,8 +61,8 @@ def can_rewind(llm) -> bool:
 
 class PrefixCache:
     """Keys and values of the prompt text before <audio>, computed once and reused for every clip
-    and batch row. Recomputed when the ids, the weights (trained in place, moved or cast: each
-    parameter's storage and version counter), or autocast change."""
+    and batch row. Recomputed when the ids, the weights (trained in place, moved, cast or
+    quantized: each parameter's and buffer's storage and version counter), or autocast change."""
 
     def __init__(self):
         self.key, self.k, self.v = None, None, None
@@ -69,9 +70,9 @@ class PrefixCache:
 
     def get(self, llm: Qwen2ForCausalLM, ids: list[int]):
         """-> k, v (n_layers, 1, K, P, hd), and the seconds spent (0 when reused)."""
-        device = llm.lm_head.weight.device
+        device = llm.model.embed_tokens.weight.device
         key = (tuple(ids), device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type),
-               tuple((p.data_ptr(), p._version) for p in llm.parameters()))
+               tuple((t.data_ptr(), t._version) for t in itertools.chain(llm.parameters(), llm.buffers())))
         if key == self.key:
             self.hits += 1
             return self.k, self.v, 0.0

@@ -186,3 +186,15 @@ def test_decoding_choice_and_its_json_fields(setup, run):
         assert s["draft_tokens"] == len(model.draft_ids(s["ctc_transcript"])) and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
     r = run(paths[0], "--decoding", "speculative")  # the demo model has no CTC head
     assert r.returncode == 1 and "CTC head" in r.stderr
+
+
+def test_quantize_int8(setup, run):
+    tmp, _ = setup
+    paths = [str(tmp / "clip0.wav"), str(tmp / "clip1.wav")]
+    common = ["--checkpoint", str(tmp / "ckpt"), "--dtype", "float32", "--max-new-tokens", "8", "--json"]
+    plain = [json.loads(line) for line in run(*paths, *common).stdout.splitlines()]
+    r = run(*paths, *common, "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["audio"] for row in rows] == paths and all(abs(sum(row["probs"].values()) - 1) < 1e-5 for row in rows)
+    assert any(row["probs"] != p["probs"] for row, p in zip(rows, plain))  # the int8 weights are in use
