@@ -3,8 +3,8 @@
     python bench/bench_e2e.py                       # fp32 and bf16, 5 s and 20 s clips
     python bench/bench_e2e.py --dtype bfloat16 --seconds 5 --new-tokens 16 --runs 3
 
-parakeet-ctc-0.6b-sized encoder with a random CTC head (1024 SentencePiece pieces + blank, the
-pieces trained here on the synthetic grammar's sentences) + the default projector (Conv1d
+parakeet-ctc-0.6b-sized encoder with a random CTC head (SentencePiece pieces + blank, at most
+parakeet's 1024, trained here on the synthetic grammar's sentences) + the default projector (Conv1d
 1024->896 stride 2 + 2 Transformer layers) + Qwen2.5-0.5B, from a clip to the tag: features,
 encoder, CTC head, projector, the prompt, the answer of --new-tokens tokens and the tag read at
 its last one (random weights never write a tag, so predict reads it at the last step, which costs
@@ -72,15 +72,17 @@ def ctc_pieces(n: int = 1024) -> bytes:
 
 def full_size_model(dtype) -> SpeechLLM:
     pre = PreprocessorConfig(window_size=0.025, window_stride=0.01, n_fft=512, features=80, pad_to=0)
-    cfg = SpeechLLMConfig(pre, FastConformerConfig(), ProjectorConfig(), Qwen2Config(), ctc=CTCConfig(1024))
+    pieces = ctc_pieces()
+    n = sentencepiece.SentencePieceProcessor(model_proto=pieces).get_piece_size()  # up to 1024: the grammar's words
+    cfg = SpeechLLMConfig(pre, FastConformerConfig(), ProjectorConfig(), Qwen2Config(), ctc=CTCConfig(n))
     with torch.device("meta"):
-        model = SpeechLLM(cfg, byte_tokenizer(), ctc_pieces())
+        model = SpeechLLM(cfg, byte_tokenizer(), pieces)
     model.preprocessor = type(model.preprocessor)(pre)  # real window and filterbank (float32 under any cast)
     model.to(dtype).to_empty(device="cpu")  # allocate the rest once, in the benchmark's dtype
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.02)
-        model.ctc = CTCHead(1024, 1024)
+        model.ctc = CTCHead(1024, n)
         model.ctc.weight.normal_(std=0.02)
     model.llm.tie_weights()
     for m in model.modules():  # BatchNorm statistics were left uninitialised by to_empty

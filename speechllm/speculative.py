@@ -94,10 +94,10 @@ class Draft:
     `at` is the draft slot of the pending token (the last one emitted, not yet fed to the model).
     Each pass offers the draft after that slot: where the pending token is the draft's own, that is
     the draft going on; where the model wrote another token there, the draft is read as going on
-    after it (a substituted word, the common CTC error). When an offer is rejected outright, the
-    last two output tokens are looked for in the draft within `window` slots (the model skipped or
-    added a few tokens); after two such misses with nothing found, nothing is offered (plain steps)
-    until the output lines up with the draft again. `accepted` counts the output tokens equal to
+    after it (a substituted word, the common CTC error). Once an offer is rejected outright,
+    nothing more is offered (plain steps) until the last two output tokens are found in the draft
+    within `window` slots of where it stood (the model skipped or added a few tokens): a rejected
+    offer costs its positions' compute for nothing. `accepted` counts the output tokens equal to
     the draft at their slot."""
 
     def __init__(self, ids: list[int], first: int, window: int = 4):
@@ -112,11 +112,10 @@ class Draft:
         elif self.misses and prev is not None:
             near = sorted(range(max(1, at - self.window), min(len(ids), at + self.window + 1)), key=lambda i: abs(i - at))
             found = next((i for i in near if ids[i] == pending and ids[i - 1] == prev), None)
-            if found is not None:
-                self.at, self.misses = found, 0
-                self.accepted += 1
-            elif self.misses >= 2:
-                return []
+            if found is None:
+                return []  # a plain step: offering more of a draft that just failed costs compute
+            self.at, self.misses = found, 0
+            self.accepted += 1
         return ids[self.at + 1:self.at + 1 + max(room, 0)]
 
     def took(self, n: int, offered: int, token: int) -> None:

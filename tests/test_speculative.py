@@ -189,7 +189,7 @@ def test_drafts_right_empty_or_wrong_anywhere(trained, fixtures, batch):
                 "empty": ([], plain),
                 "wrong first": ([x] + text[1:], 1),  # the prefill's token takes the first slot
                 "wrong middle": (text[:5] + [x] + text[6:], 2),  # the model's token at the mismatch, then on
-                # verify, two rejected offers, then plain steps (a repetitive answer may line up sooner)
+                # verify, one rejected offer, then plain steps (a repetitive answer may line up sooner)
                 "garbage from the middle": (text[:5] + [x] * 6, 1 + len(a) - 6),
                 "longer": (text + [x, x + 1, x], 1),
             }
