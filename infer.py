@@ -32,6 +32,8 @@ from speechllm.data import read_manifest
 from speechllm.metrics import classification_report, format_report
 from speechllm.model import NO_KERNELS, SpeechLLM
 from speechllm.precision import fast_dtype
+from speechllm.quant import quantize_int8
+from speechllm.qwen2 import Qwen2ForCausalLM
 from speechllm.sortformer import SortFormer
 from speechllm.turn import TurnConfig, TurnDetector, format_event, play
 
@@ -46,9 +48,15 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="write one JSON object per clip instead of text lines")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weight precision; auto = bfloat16 where it measures faster than float32 on this CPU/GPU, else float32 (default: %(default)s)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 for the LLM's linear layers (speechllm/quant.py), for decode-bound "
+                        "CPUs; it moves the logits a little, so measure your tags with and without it (default: off)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="clips per forward pass (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=64, help="transcript length limit in tokens (default: %(default)s)")
+    p.add_argument("--decoding", choices=["greedy", "speculative"], default=None,
+                   help="greedy: one LLM pass per token; speculative: the LLM verifies the CTC head's transcript in "
+                        "one pass, with the same answer (default: speculative where the model has a CTC head)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer clips (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="diarizer: speaker activity threshold (default: %(default)s)")
     p.add_argument("--min-duration", type=float, default=0.0, help="diarizer: drop shorter segments, seconds (default: %(default)s)")
@@ -124,7 +132,7 @@ def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, 
                 out = predict_with_activity(model, audio, lengths, clip_speakers, target, max_new_tokens,
                                             args.threshold)
             else:
-                out = model.predict(audio, lengths, max_new_tokens)
+                out = model.predict(audio, lengths, max_new_tokens, decoding=args.decoding)
             results.update(zip(chunk, out))
         bar.update(len(chunk))
     bar.close()
@@ -181,6 +189,12 @@ def main(argv=None) -> int:
             raise ValueError(f"{path}: --manifest scores turn-taking tags and needs a Speech-LLM checkpoint")
         if (args.diarizer or args.rttm) and isinstance(model, SpeechLLM) and model.cfg.encoder_kind == "whisper":
             raise ValueError(f"{path}: --diarizer and --rttm steer speaker kernels, and {NO_KERNELS}")
+        if args.quantize:
+            if not isinstance(model, SpeechLLM) or not isinstance(model.llm, Qwen2ForCausalLM):
+                raise ValueError(f"{path}: --quantize int8 is for a Speech-LLM with a Qwen2 / Qwen3 LLM")
+            quantize_int8(model.llm)
+        if args.decoding == "speculative" and getattr(model, "ctc", None) is None:
+            raise ValueError(f"{path}: --decoding speculative drafts with a CTC head, and this checkpoint has none")
         if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:
             raise ValueError(f"{path}: --diarizer and --rttm need a Speech-LLM checkpoint with speaker kernels")
         if args.diarizer and args.rttm:
@@ -236,6 +250,9 @@ def main(argv=None) -> int:
             print(f"error: {args.manifest}: none of its {len(utts)} clips could be run; no metrics", file=sys.stderr)
             return 1
         report = classification_report([t for t, _ in scored], [p for _, p in scored])
+        if args.json:  # what the draft saved, over the manifest
+            done = [results[name] for _, (name, *_) in zip(utts, items[len(args.audio):]) if name in results]
+            report["decoding"] = {k: sum(r[k] for r in done) for k in ("llm_passes", "draft_tokens", "accepted_tokens")}
         print(json.dumps(report) if args.json else format_report(report))
     return 1 if failed else 0
 

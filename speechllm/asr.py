@@ -74,6 +74,35 @@ class CTCDecoder(nn.Module):
         return self.decoder_layers(x.transpose(1, 2)).transpose(1, 2)  # (B, T, V+1) logits
 
 
+class CTCHead(nn.Module):
+    """A CTC decoder's weights carried by the Speech-LLM as its transcript drafter (speculative.py):
+    the same 1x1 conv to vocab+1 classes (blank last) as CTCDecoder, held as buffers, so no freeze
+    preset, optimizer or DDP ever sees them (the training loss does not use them). Keys: ctc.weight
+    (V+1, D_enc), ctc.bias (V+1,)."""
+
+    def __init__(self, d_in: int, vocab_size: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(vocab_size + 1, d_in))
+        self.register_buffer("bias", torch.zeros(vocab_size + 1))
+
+    @classmethod
+    def of(cls, decoder: CTCDecoder) -> "CTCHead":
+        conv = decoder.decoder_layers[0]
+        head = cls(conv.in_channels, conv.out_channels - 1)
+        head.weight.copy_(conv.weight.detach()[:, :, 0])
+        head.bias.copy_(conv.bias.detach())
+        return head
+
+    @property
+    def blank_id(self) -> int:
+        return self.weight.shape[0] - 1
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """encoded (B, T, D_enc), lengths (B,) -> greedy CTC piece ids per item."""
+        logits = x @ self.weight.to(x.dtype).T + self.bias.to(x.dtype)  # (B, T, V+1)
+        return ctc_greedy(logits, lengths, self.blank_id)
+
+
 def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
     """Best path per item: argmax per valid frame, merge repeats, drop blanks."""
     out = []

@@ -108,6 +108,7 @@ SPEECHLLM_CKPT_KEYS = {
     "projector.": "projector.",
     "llm.": "llm.",
     "llm.base_model.model.": "llm.",  # PEFT-wrapped LLM (LoRA factors are merged first)
+    "ctc.": "ctc.",  # our CTC draft head (never trained: absent from a file, the base's stays)
     "embed_tokens.": "llm.model.embed_tokens.",  # SALM keeps the embedding outside the LLM
     "decoder.": None,
 }
@@ -340,6 +341,7 @@ def load_checkpoint_into(model, path, lora_scaling: float | None = None) -> list
     if model.cfg.llm.tie_word_embeddings:
         ours.pop("llm.lm_head.weight", None)  # tied: the embedding is the head
         expected = {k: v for k, v in expected.items() if k != "llm.lm_head.weight"}
+    expected = {k: v for k, v in expected.items() if not k.startswith("ctc.") or k in ours}  # the draft head stays
     check_fit(ours, expected, str(path), strict=False)  # missing or mis-shaped tensors stop it
     unknown = sorted(set(ours) - set(expected))
     model.load_state_dict({k: ours[k] for k in expected}, strict=False, assign=False)

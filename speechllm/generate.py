@@ -85,7 +85,7 @@ def generate(model: Qwen2ForCausalLM, input_ids=None, *, inputs_embeds=None, att
     pad_id = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
 
     # Everything is allocated once; the loop only writes into it.
-    cache = model.new_cache(B, L + max_new_tokens, dtype=model.lm_head.weight.dtype, device=device)
+    cache = model.new_cache(B, L + max_new_tokens, device=device)  # in the model's dtype
     padded = not attention_mask.all()  # no padding: skip masks, SDPA runs its causal fast path
     mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
     mask[:, :L] = attention_mask.bool()

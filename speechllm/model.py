@@ -17,14 +17,18 @@ position where the tag is written. The tag set is tokenizer.TAGS, fixed.
 
 Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
 """
+import itertools
+import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .asr import CTCHead
 from .audio import LogMelFrontend, PreprocessorConfig
 from .config import build, refuse_unknown
 from .encoders import encoder_kind, load_encoder
@@ -36,9 +40,12 @@ from .qwen2 import Qwen2Config, init_token_rows
 from .qwen3_5 import Qwen3_5Config
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
+from .speculative import PrefixCache, can_rewind, decode, from_generation
 from .tokenizer import TAGS, Tokenizer, fit_embeddings
 from .weights import read_config, read_state, require, save_dir
 from .whisper import WhisperEncoder, WhisperEncoderConfig, WhisperFrontend
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that carry no loss
 NO_KERNELS = "speaker kernels are FastConformer-only (NeMo's SpeakerKernelMixin); this Speech-LLM's encoder is Whisper"
@@ -67,6 +74,13 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
+class CTCConfig:
+    """The encoder archive's CTC head, kept as the transcript drafter (speculative.py); its pieces
+    are the SentencePiece model in encoder_tokenizer.model, the blank is id vocab_size."""
+    vocab_size: int
+
+
+@dataclass(frozen=True)
 class SpeechLLMConfig:
     preprocessor: PreprocessorConfig | None  # FastConformer's NeMo log-mel; None with Whisper (its own, in `encoder`)
     encoder: FastConformerConfig | WhisperEncoderConfig
@@ -75,6 +89,7 @@ class SpeechLLMConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tag_loss_weight: float = 5.0  # seed 000: the tag token's cross-entropy counts 5x
     speaker: SpeakerKernelConfig | None = None  # speaker kernels in the encoder; None: none
+    ctc: CTCConfig | None = None  # the CTC draft head; None (older checkpoints, SALM imports): no draft
 
     def __post_init__(self):
         if self.encoder_kind == "whisper":
@@ -106,14 +121,14 @@ class SpeechLLMConfig:
             "projector": self.projector.to_dict(), "llm": self.llm.to_hf(),
             "prompt": asdict(self.prompt), "tag_loss_weight": self.tag_loss_weight,
             "speaker_kernels": self.speaker.to_dict() if self.speaker else None,
-        }
+        } | ({"ctc": asdict(self.ctc)} if self.ctc else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeechLLMConfig":
         if d.get("model_type") != "speechllm":
             raise ValueError(f"not a Speech-LLM config: model_type={d.get('model_type')!r}")
         refuse_unknown(d, ("model_type", "encoder_kind", "preprocessor", "encoder", "projector", "llm", "prompt",
-                           "tag_loss_weight", "speaker_kernels"))
+                           "tag_loss_weight", "speaker_kernels", "ctc"))
         kind = d.get("encoder_kind", "fastconformer")  # files written before Whisper have no encoder_kind
         if kind not in ("fastconformer", "whisper"):
             raise ValueError(f"encoder_kind {kind!r} is not 'fastconformer' or 'whisper'")
@@ -126,6 +141,7 @@ class SpeechLLMConfig:
             prompt=PromptConfig.from_dict(d.get("prompt", {})),
             tag_loss_weight=d.get("tag_loss_weight", 5.0),
             speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if d.get("speaker_kernels") else None,
+            ctc=build(CTCConfig, d["ctc"], "ctc.") if d.get("ctc") else None,
         )
 
 
@@ -143,6 +159,7 @@ class SpeechLLM(nn.Module):
             self.spk_kernels, self.bg_spk_kernels = build_kernels(cfg.speaker, cfg.encoder.d_model, cfg.encoder.n_layers)
         self.projector = build_projector(cfg.projector)
         self.llm = build_llm(cfg.llm)
+        self.ctc = CTCHead(cfg.encoder.out_dim, cfg.ctc.vocab_size) if cfg.ctc else None
         self.tokenizer = tokenizer
         self.encoder_tokenizer = encoder_tokenizer  # the encoder's SentencePiece model, kept with it
         self.audio_id = tokenizer.token_to_id(cfg.prompt.audio_token)
@@ -153,13 +170,16 @@ class SpeechLLM(nn.Module):
 
     # -- audio side ------------------------------------------------------------------------------
 
-    def embed_audio(self, audio: torch.Tensor, lengths: torch.Tensor, spk_targets=None, bg_spk_targets=None):
-        """audio (B, N), lengths (B,) samples -> audio embeddings (B, T', D), lengths (B,).
+    def embed_audio(self, audio: torch.Tensor, lengths: torch.Tensor, spk_targets=None, bg_spk_targets=None,
+                    ctc: bool = False):
+        """audio (B, N), lengths (B,) samples -> audio embeddings (B, T', D), lengths (B,), and with
+        ctc (a model with a CTC head) the greedy CTC piece ids per clip as a third value.
 
         spk_targets / bg_spk_targets (B, T) are the target speaker's and the other speakers' activity
         per 80 ms encoder frame (speaker.py); None gives NeMo's single-speaker defaults."""
         x, lens = self.encode(*self.features(audio, lengths), spk_targets, bg_spk_targets)  # (B, T, D_enc)
-        return self.projector(x, lens)  # (B, T', D)
+        embeds = self.projector(x, lens)  # (B, T', D)
+        return (*embeds, self.ctc(x, lens)) if ctc else embeds
 
     def features(self, audio: torch.Tensor, lengths: torch.Tensor):
         """audio (B, N) at 16 kHz, lengths (B,) samples -> log-mel (B, n_mels, T_mel) float32, (B,) frames:
@@ -285,39 +305,111 @@ class SpeechLLM(nn.Module):
     # -- inference -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict(self, audio, lengths, max_new_tokens: int = 64, spk_targets=None, bg_spk_targets=None) -> list[dict]:
+    def predict(self, audio, lengths, max_new_tokens: int = 64, spk_targets=None, bg_spk_targets=None, *,
+                decoding: str | None = None, prompt_cache: bool = True, drafts: list[list[int]] | None = None) -> list[dict]:
         """audio (B, N), lengths (B,) -> per clip: transcript, tag, probs (softmax over the tag logits
         at the tag position), tag_mass (their share of the full-vocabulary softmax), tag_forced (the
-        model closed its answer without a tag, so the tag was read at its last step), timings (s)."""
+        model closed its answer without a tag, so the tag was read at its last step), timings (s);
+        decoding, llm_passes (LLM forward passes after the prompt), draft_tokens, accepted_tokens;
+        with a CTC head, ctc_transcript.
+
+        decoding: "greedy", "speculative" (the CTC transcript verified as a draft, speculative.py:
+        the greedy answer in fewer LLM passes), or None: speculative where the model has a CTC head.
+        prompt_cache: reuse the keys and values of the prompt text before <audio>. drafts: LLM ids
+        per clip to verify instead of the CTC transcript's (tests, benchmarks)."""
+        decoding = self._decoding(decoding, drafts is not None)
         t0 = time.perf_counter()
-        audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
+        ctc_ids = None
+        if self.ctc is not None:
+            audio_embeds, audio_lens, ctc_ids = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets, ctc=True)
+        else:
+            audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
         t1 = time.perf_counter()
         B = len(audio_lens)
-        inputs, mask, _ = self.splice(audio_embeds, audio_lens, [self.prompt_ids()] * B)
+        ctc_texts = [self.ctc_tokenizer.decode(ids) for ids in ctc_ids] if ctc_ids is not None else None
+        if decoding == "speculative" and drafts is None:
+            drafts = [self.draft_ids(t) for t in ctc_texts]
         tag_only = self.cfg.prompt.answer_format == "tag_only"
         stop = self.tag_ids + self.tokenizer.eos_ids
-        gen = generate(self.llm, inputs_embeds=inputs, attention_mask=mask, max_new_tokens=1 if tag_only else max_new_tokens,
-                       eos_ids=stop, pad_id=self.tokenizer.pad_id, return_scores=True)
+        n_new = 1 if tag_only else max_new_tokens
+        prompt, prefix_s = self.prompt_ids(), 0.0
+        if can_rewind(self.llm):
+            prefix, rows = None, [prompt] * B
+            if prompt_cache:  # the text before <audio> is the same for every clip: its keys and values once
+                j = prompt.index(self.audio_id)
+                if getattr(self, "_prefix", None) is None:
+                    self._prefix = PrefixCache()
+                *prefix, prefix_s = self._prefix.get(self.llm, prompt[:j])
+                rows = [prompt[j:]] * B
+            inputs, mask, _ = self.splice(audio_embeds, audio_lens, rows)
+            dec = decode(self.llm, inputs, mask, max_new_tokens=n_new, stop_ids=stop, pad_id=self.tokenizer.pad_id,
+                         keep_ids=self.tag_ids, prefix=prefix, drafts=drafts if decoding == "speculative" else None)
+        else:  # no cache to rewind (Qwen3.5): plain greedy decoding
+            inputs, mask, _ = self.splice(audio_embeds, audio_lens, [prompt] * B)
+            gen = generate(self.llm, inputs_embeds=inputs, attention_mask=mask, max_new_tokens=n_new,
+                           eos_ids=stop, pad_id=self.tokenizer.pad_id, return_scores=True)
+            dec = from_generation(gen, stop, self.tag_ids)
         t2 = time.perf_counter()
         out = []
         for i in range(B):
-            ids = gen.tokens[i].tolist()
+            ids = dec.tokens[i]
             at = next((k for k, t in enumerate(ids) if t in self.tag_ids), None)
             forced = at is None
             if forced:  # read the tag where the answer ended (its last generated step)
                 at = next((k for k, t in enumerate(ids) if t in stop), len(ids) - 1)
-            scores = gen.scores[i, at].float()  # (V,)
-            tag_logits = scores[self.tag_ids]
+            tag_logits = dec.kept[i, at]  # (3,) float32
             probs = torch.softmax(tag_logits, -1)
             out.append({
                 "transcript": self.tokenizer.decode(ids[:at], skip_special_tokens=True).strip(),
                 "tag": TAGS[int(probs.argmax())],
                 "probs": dict(zip(TAGS, probs.tolist())),
-                "tag_mass": float(torch.softmax(scores, -1)[self.tag_ids].sum()),
+                "tag_mass": float(torch.exp(tag_logits - dec.lse[i, at]).sum()),
                 "tag_forced": forced,
-                "timings": {"audio_s": round(t1 - t0, 4), "llm_s": round(t2 - t1, 4)},
+                **({"ctc_transcript": ctc_texts[i]} if ctc_texts is not None else {}),
+                "decoding": decoding, "llm_passes": dec.passes[i],
+                "draft_tokens": len(drafts[i]) if decoding == "speculative" else 0,
+                "accepted_tokens": dec.accepted[i],
+                "timings": {"audio_s": round(t1 - t0, 4), "llm_s": round(t2 - t1, 4), "prefix_s": round(prefix_s, 4),
+                            **dec.timings},
             })
         return out
+
+    def _decoding(self, decoding: str | None, have_drafts: bool) -> str:
+        """The decoding predict uses: speculative needs a draft (a CTC head), a transcript to draft
+        (not tag_only) and a cache that can be cut back (not Qwen3.5); else greedy."""
+        if decoding not in (None, "greedy", "speculative"):
+            raise ValueError(f"decoding {decoding!r} is not 'greedy' or 'speculative'")
+        if decoding == "greedy":
+            return decoding
+        if self.ctc is None and not have_drafts:
+            if decoding == "speculative":
+                raise ValueError("speculative decoding drafts with the CTC head, and this Speech-LLM has none "
+                                 "(config.json has no ctc section)")
+            return "greedy"
+        if not can_rewind(self.llm):
+            if decoding == "speculative":
+                log.warning("%s has no KV cache that can be rolled back: decoding greedily, without the draft",
+                            type(self.llm).__name__)
+            return "greedy"
+        return "greedy" if self.cfg.prompt.answer_format == "tag_only" else "speculative"
+
+    def draft_ids(self, text: str) -> list[int]:
+        """A CTC transcript as the LLM would write it, in the format of the training answers
+        (answer_ids: the transcript stripped, a space before the tag). Empty for tag_only models."""
+        if self.cfg.prompt.answer_format == "tag_only" or not text.strip():
+            return []
+        ids, at = self.answer_ids(text, TAGS[0])
+        special = set(self.tag_ids + self.tokenizer.eos_ids + [self.audio_id])
+        return list(itertools.takewhile(lambda t: t not in special, ids[:at]))
+
+    @property
+    def ctc_tokenizer(self) -> sentencepiece.SentencePieceProcessor:
+        """The CTC head's SentencePiece model (encoder_tokenizer.model)."""
+        if getattr(self, "_spm", None) is None:
+            if self.encoder_tokenizer is None:
+                raise ValueError("this Speech-LLM has a CTC head but no encoder SentencePiece model")
+            self._spm = sentencepiece.SentencePieceProcessor(model_proto=self.encoder_tokenizer)
+        return self._spm
 
     # -- new parts -------------------------------------------------------------------------------
 
@@ -360,6 +452,8 @@ class SpeechLLM(nn.Module):
         cfg = read_config(path / "config.json", SpeechLLMConfig.from_dict)
         tok = Tokenizer.from_pretrained(path, extra_special_tokens=(cfg.prompt.audio_token, *TAGS))
         spm = path / "encoder_tokenizer.model"
+        if cfg.ctc and not spm.is_file():
+            raise FileNotFoundError(f"{path}: config.json has a ctc head but encoder_tokenizer.model, its pieces, is missing")
         with torch.device("meta"):
             model = cls(cfg, tok, spm.read_bytes() if spm.is_file() else None)
         expected = model.state_dict()
@@ -400,6 +494,8 @@ def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = N
     .nemo archive or its converted directory, or a Hugging Face Whisper directory), an LLM directory
     (load_llm: Qwen2 / Qwen2.5, Qwen3, Qwen3.5), a new projector, and the <audio> and tag tokens.
     Pretrained weights are kept as they are; only new parameters are initialised.
+    A FastConformer CTC archive's decoder is kept as the transcript drafter (speculative.py), with
+    its SentencePiece model.
 
     projector: its config, or fields over the default for its kind at the encoder's and the LLM's
     widths (fitted_projector; conv_transformer unless `kind` says otherwise). speaker: new speaker
@@ -415,10 +511,13 @@ def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = N
     fit_embeddings(llm, tok)
     if not isinstance(projector, ProjectorConfig):
         projector = fitted_projector(asr.out_dim, llm.config.hidden_size, projector)
+    # a CTC archive's decoder travels along as the draft head
+    ctc = CTCConfig(asr.cfg.vocab_size) if not whisper and asr.decoder is not None else None
     if whisper:
         cfg = SpeechLLMConfig(None, asr.cfg, projector, llm.config, prompt)
     else:
-        cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt, speaker=asr.cfg.speaker)
+        cfg = SpeechLLMConfig(asr.cfg.preprocessor, asr.cfg.encoder, projector, llm.config, prompt,
+                              speaker=asr.cfg.speaker, ctc=ctc)
     with torch.device("meta"):
         model = SpeechLLM(cfg, tok, None if whisper else asr.tokenizer_model)
     if whisper:
@@ -426,6 +525,7 @@ def assemble(encoder_nemo, llm_dir, projector: ProjectorConfig | dict | None = N
     else:
         model.preprocessor, model.encoder, model.llm = asr.preprocessor, asr.encoder, llm
         model.spk_kernels, model.bg_spk_kernels = asr.spk_kernels, asr.bg_spk_kernels
+        model.ctc = CTCHead.of(asr.decoder) if ctc else None
     if speaker is not None and speaker != asr.cfg.speaker:
         model.new_speaker_kernels(speaker, seed)
     model.new_projector(projector, seed)

@@ -365,7 +365,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         """The decoding cache generate() fills: room for max_len tokens (prompt + new) per row."""
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # the model's dtype even with an int8 head (quant.py)
         return KVCache(self.config, batch_size, max_len, dtype=dtype or w.dtype,
                        device=device or w.device)
 
@@ -386,7 +386,8 @@ class Qwen2ForCausalLM(nn.Module):
         mask = attention_mask_4d(attention_mask, L, past)
         hidden_states = []
         for layer in self.model.layers:
-            hidden_states.append(h)
+            if output_hidden_states:  # else no layer's output outlives the next layer
+                hidden_states.append(h)
             h = layer(h, cos, sin, mask, cache)
         h = self.model.norm(h)
         hidden_states.append(h)  # HF: the last entry is after the final norm

@@ -28,7 +28,7 @@ transformers' state-dict keys minus the `encoder.` prefix. B batch, N samples, T
 H heads.
 """
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

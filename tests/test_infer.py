@@ -138,3 +138,63 @@ def test_speaker_kernels_follow_the_hand_computation(fixtures):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="speaker"):
         assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf").embed_audio(audio, lens, s, g)
+
+
+def test_manifest_batches_by_length_and_equals_one_clip_at_a_time(setup, run, monkeypatch):
+    """--manifest sorts clips by length into --batch-size batches (a progress bar on stderr) and
+    predicts what one clip at a time does: the same tags, transcripts and probabilities."""
+    tmp, model = setup
+    names = [f"clip{i}" for i in range(6)]
+    clips = {n: sf.read(tmp / f"{n}.wav", dtype="float32")[0] for n in names}
+    args = infer.parse_args(["x.wav"])
+    widths = []
+    predict = model.predict
+    monkeypatch.setattr(model, "predict", lambda audio, lengths, *a, **k: widths.append(lengths.tolist()) or predict(audio, lengths, *a, **k))
+    batched = infer.run(model, clips, 4, 8, "cpu", args)
+    assert widths == [sorted((len(c) for c in clips.values()), reverse=True)[:4],
+                      sorted((len(c) for c in clips.values()), reverse=True)[4:]]
+    alone = infer.run(model, clips, 1, 8, "cpu", args)
+    for n in names:
+        b, a = batched[n], alone[n]
+        assert (b["tag"], b["transcript"], b["ctc_transcript"]) == (a["tag"], a["transcript"], a["ctc_transcript"])
+        assert max(abs(b["probs"][t] - a["probs"][t]) for t in TAGS) < 1e-5
+    monkeypatch.undo()
+    r = run("--manifest", str(tmp / "test.jsonl"), "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32",
+            "--max-new-tokens", "8", "--batch-size", "4", "--json")
+    one = run("--manifest", str(tmp / "test.jsonl"), "--checkpoint", str(tmp / "ckpt"), "--dtype", "float32",
+              "--max-new-tokens", "8", "--batch-size", "1", "--json")
+    assert r.returncode == one.returncode == 0 and "6/6" in r.stderr  # tqdm's bar
+    report, report_one = json.loads(r.stdout.splitlines()[-1]), json.loads(one.stdout.splitlines()[-1])
+    assert report["confusion"] == report_one["confusion"]
+    assert report["decoding"]["llm_passes"] == sum(alone[n]["llm_passes"] for n in names)
+
+
+def test_decoding_choice_and_its_json_fields(setup, run):
+    tmp, model = setup
+    paths = [str(tmp / "clip0.wav"), str(tmp / "clip1.wav")]
+    common = ["--checkpoint", str(tmp / "ckpt"), "--dtype", "float32", "--max-new-tokens", "8", "--json"]
+    rows = {d: [json.loads(line) for line in run(*paths, *common, *d).stdout.splitlines()]
+            for d in ((), ("--decoding", "greedy"), ("--decoding", "speculative"))}
+    spec, greedy = rows[()], rows[("--decoding", "greedy")]
+    drop = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
+    assert [drop(r) for r in spec] == [drop(r) for r in rows[("--decoding", "speculative")]]
+    for s, g in zip(spec, greedy):
+        assert s["decoding"] == "speculative" and g["decoding"] == "greedy"  # speculative: the default with a CTC head
+        assert (s["tag"], s["transcript"]) == (g["tag"], g["transcript"])
+        assert max(abs(s["probs"][t] - g["probs"][t]) for t in TAGS) < 1e-5
+        assert g["draft_tokens"] == g["accepted_tokens"] == 0 and g["llm_passes"] >= 1
+        assert s["draft_tokens"] == len(model.draft_ids(s["ctc_transcript"])) and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
+    r = run(paths[0], "--decoding", "speculative")  # the demo model has no CTC head
+    assert r.returncode == 1 and "CTC head" in r.stderr
+
+
+def test_quantize_int8(setup, run):
+    tmp, _ = setup
+    paths = [str(tmp / "clip0.wav"), str(tmp / "clip1.wav")]
+    common = ["--checkpoint", str(tmp / "ckpt"), "--dtype", "float32", "--max-new-tokens", "8", "--json"]
+    plain = [json.loads(line) for line in run(*paths, *common).stdout.splitlines()]
+    r = run(*paths, *common, "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["audio"] for row in rows] == paths and all(abs(sum(row["probs"].values()) - 1) < 1e-5 for row in rows)
+    assert any(row["probs"] != p["probs"] for row, p in zip(rows, plain))  # the int8 weights are in use
