@@ -320,7 +320,7 @@ class SpeechLLM(nn.Module):
         decoding = self._decoding(decoding, drafts is not None)
         t0 = time.perf_counter()
         ctc_ids = None
-        if self.ctc is not None:
+        if self.ctc is not None and self.encoder_tokenizer is not None:  # a head without its pieces drafts nothing
             audio_embeds, audio_lens, ctc_ids = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets, ctc=True)
         else:
             audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
@@ -381,10 +381,10 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"decoding {decoding!r} is not 'greedy' or 'speculative'")
         if decoding == "greedy":
             return decoding
-        if self.ctc is None and not have_drafts:
+        if (self.ctc is None or self.encoder_tokenizer is None) and not have_drafts:
             if decoding == "speculative":
                 raise ValueError("speculative decoding drafts with the CTC head, and this Speech-LLM has none "
-                                 "(config.json has no ctc section)")
+                                 "(config.json has no ctc section) or no SentencePiece model for it")
             return "greedy"
         if not can_rewind(self.llm):
             if decoding == "speculative":
