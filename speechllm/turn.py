@@ -10,7 +10,9 @@ size of the pieces the caller pushes never changes the events. Each frame is voi
 built-in VAD below or by the caller's flag (`push(frame, is_speech=...)`, e.g. from Silero). The
 turn logic on top of that:
 
-    voiced for start_ms     -> speech_start (time: the first voiced frame); the turn opens
+    voiced for start_ms     -> speech_start (time: the first voiced frame); the turn opens (voiced
+                               frames counted when a decision or timeout ends the old turn count
+                               for the new one: its start is not moved past the decision)
     unvoiced for early_ms   -> speech_end (time: the end of the last voiced frame), and the turn so
                                far goes through model.predict ahead of time (early_ms is the VAD's
                                hangover: shorter gaps, between words, are not pauses)
@@ -181,12 +183,16 @@ class TurnDetector:
         with self._lock:
             self._reset()
 
-    def _reset(self) -> None:
-        self.run = 0  # voiced frames in a row
+    def _reset(self, run: int = 0) -> None:
+        """run: voiced frames in a row, ending at ring.end, that the next turn keeps. A decision or
+        timeout can fall while speech is starting (voiced for less than start_ms): those frames are
+        the next turn's first, so its speech_start and its audio begin at the first of them."""
+        self.run = run  # voiced frames in a row
         self.speaking = False  # between speech_start and speech_end
         self.in_turn = False  # a turn is open (from its first speech to its decision)
         self.turn_start = self.last_voiced = 0  # absolute samples
-        self.closed_at = self.ring.end  # where the last turn ended: the next one's audio starts after
+        # where the last turn ended: the next one's audio starts after (its pre-roll stops here too)
+        self.closed_at = self.ring.end - run * self.frame
         self.early = None  # predict's result at the current pause, if any
         self.decided = None  # the tag decided at the current pause, if any
 
@@ -276,7 +282,7 @@ class TurnDetector:
                 self._decide(end, events)
             elif self.decided == INCOMPLETE and quiet >= self.n_timeout:
                 events.append({"event": "timeout", "end_of_speech_s": self._s(self.last_voiced), "time_s": self._s(end)})
-                self._reset()
+                self._reset(self.run)
 
     def _decide(self, end: int, events: list) -> None:
         r = self.early or self._judge(end)
@@ -288,7 +294,7 @@ class TurnDetector:
             "latency_s": round(max(self._s(end), r["computed_at_s"] + r["compute_s"]) - eos, 4),
         })
         if r["tag"] != INCOMPLETE:
-            self._reset()
+            self._reset(self.run)
 
     def _judge(self, end: int) -> dict:
         """The model's verdict on the turn so far: its audio from turn_start (the last max_seconds)."""

@@ -170,6 +170,41 @@ def test_incomplete_keeps_the_turn_backchannel_drops_it():
         [0.02 + 1.0 + 0.25, 0.02 + 1.0 + 1.0 + 0.8 + 0.25, 0.02 + 0.5 + 0.25, 0.02 + 0.6 + 0.25], abs=0.011)
 
 
+@pytest.mark.parametrize("own_vad", [True, False])
+@pytest.mark.parametrize("ending", [COMPLETE, BACKCHANNEL, "timeout"])
+def test_speech_starting_just_before_a_decision_keeps_its_onset(ending, own_vad):
+    """Speech that starts less than start_ms before a decision (or a timeout) ends the old turn has
+    its first frames counted already; the new turn starts at its first voiced frame, not start_ms
+    later, and the model hears it from there. Synthetic voice: 200 Hz tone bursts starting on frame
+    edges, so the onset is known to the sample; the VAD is the built-in one or exact flags."""
+    cfg = TurnConfig()
+    tone = lambda n: (0.3 * np.sin(2 * np.pi * 200 * np.arange(n) / SR)).astype(np.float32)  # noqa: E731
+    ms = lambda v: round(v * SR / 1000)  # noqa: E731
+    first_end = ms(1500)  # the first burst: 0.5 s to 1.5 s
+    ends_at = first_end + ms(cfg.timeout_ms if ending == "timeout" else cfg.stop_ms)  # the old turn ends here
+    tags = [INCOMPLETE, COMPLETE] if ending == "timeout" else [ending, COMPLETE]
+    for lead in range(ms(cfg.frame_ms), ms(cfg.start_ms), ms(cfg.frame_ms)):  # 10 .. 50 ms before it
+        onset = ends_at - lead
+        x = np.zeros(onset + ms(800) + ms(1000), np.float32)
+        x[ms(500):first_end] = tone(first_end - ms(500))
+        x[onset:onset + ms(800)] = tone(ms(800))
+        speech = np.zeros(len(x), bool)  # exact flags
+        speech[ms(500):first_end] = speech[onset:onset + ms(800)] = True
+        script = Scripted(tags)
+        events = run(TurnDetector(script), x, 160, flags=None if own_vad else speech)
+        kinds = [e["event"] for e in events if e["event"] not in ("speech_start", "speech_end")]
+        assert kinds == {"timeout": ["decision", "timeout", "decision"], BACKCHANNEL: ["backchannel", "decision"],
+                         COMPLETE: ["decision", "decision"]}[ending]
+        old_end = next(e for e in events if e["event"] in ("timeout", "backchannel") or e.get("tag") == COMPLETE)
+        assert old_end.get("decided_at_s", old_end.get("time_s")) == pytest.approx(ends_at / SR)
+        onsets = [e["time_s"] for e in events if e["event"] == "speech_start"]
+        assert onsets == pytest.approx([0.5, onset / SR], abs=1e-9), f"lead {lead / SR * 1000:.0f} ms"
+        last = decisions(events)[-1]
+        # the new turn's audio: from its onset (pre_speech_ms would reach into the ended turn) to early_ms after it
+        assert last["audio_start_s"] == pytest.approx(onset / SR, abs=1e-9)
+        assert torch.equal(script.heard[-1], torch.from_numpy(x[onset:onset + ms(800) + ms(cfg.early_ms)]))
+
+
 def test_chunk_size_and_sample_format_do_not_change_the_events(model, clips):
     x, _ = join(clips, 0.3, "incomplete_1", 0.25, "complete_2", 0.8, "backchannel_2", 0.8)
     want = stable(run(TurnDetector(model), x, 160))  # 10 ms
