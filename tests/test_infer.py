@@ -182,7 +182,9 @@ def test_decoding_choice_and_its_json_fields(setup, run):
         assert s["decoding"] == "speculative" and g["decoding"] == "greedy"  # speculative: the default with a CTC head
         assert (s["tag"], s["transcript"]) == (g["tag"], g["transcript"])
         assert max(abs(s["probs"][t] - g["probs"][t]) for t in TAGS) < 1e-5
-        assert g["draft_tokens"] == g["accepted_tokens"] == 0 and g["llm_passes"] >= 1
+        # plain greedy: the prompt's pass writes the first token, then one pass per further token, so
+        # any transcript before the tag costs at least one (the tag itself may come first)
+        assert g["draft_tokens"] == g["accepted_tokens"] == 0 and g["llm_passes"] >= (1 if g["transcript"] else 0)
         assert s["draft_tokens"] == len(model.draft_ids(s["ctc_transcript"])) and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
     r = run(paths[0], "--decoding", "speculative")  # the demo model has no CTC head
     assert r.returncode == 1 and "CTC head" in r.stderr
