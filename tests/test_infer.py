@@ -11,6 +11,7 @@ from speechllm.audio import pad_batch
 from speechllm.metrics import classification_report
 from speechllm.model import SpeechLLM, assemble
 from speechllm.speaker import SpeakerKernelConfig
+from speechllm.speculative import draft_ids
 
 TAGS = ["<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>"]
 
@@ -183,7 +184,7 @@ def test_decoding_choice_and_its_json_fields(setup, run):
         assert (s["tag"], s["transcript"]) == (g["tag"], g["transcript"])
         assert max(abs(s["probs"][t] - g["probs"][t]) for t in TAGS) < 1e-5
         assert g["draft_tokens"] == g["accepted_tokens"] == 0 and g["llm_passes"] >= 1
-        assert s["draft_tokens"] == len(model.draft_ids(s["ctc_transcript"])) and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
+        assert s["draft_tokens"] == len(draft_ids(model, s["ctc_transcript"])) and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
     r = run(paths[0], "--decoding", "speculative")  # the demo model has no CTC head
     assert r.returncode == 1 and "CTC head" in r.stderr
 
