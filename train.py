@@ -289,9 +289,10 @@ def prepare(cfg, args):
     resume = checkpoint.resume_dir(args.resume, Path(cfg.trainer.out_dir))
     state = checkpoint.load_state(resume) if resume is not None else None
     ds, task, seed = cfg.data, cfg.data.task, cfg.trainer.seed
-    train_split = load_split(ds.train_ds.manifest_filepath, task, ds.train_ds, train=True, seed=seed)
-    val_split = load_split(ds.validation_ds.manifest_filepath, task, ds.validation_ds, train=False) \
-        if ds.validation_ds is not None else None
+    train_split = load_split(ds.train_ds.manifest_filepath, task, ds.train_ds, train=True, seed=seed,
+                             transcript=ds.transcript)
+    val_split = load_split(ds.validation_ds.manifest_filepath, task, ds.validation_ds, train=False,
+                           transcript=ds.transcript) if ds.validation_ds is not None else None
     return resume, state, train_split, val_split
 
 

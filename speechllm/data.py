@@ -16,6 +16,12 @@ reported with the manifest's path and line number before anything is trained or 
 the audio: every file must exist, be readable and non-empty, and hold [offset, offset + duration]
 (read_manifest is the one check, for train.py and infer.py --manifest alike).
 
+Transcripts (load_split's `transcript`, train.py's data.transcript): "as_written" trains on `text`
+as the manifest writes it; "ctc" on the form a CTC head emits (parakeet's: lowercase, no
+punctuation but in-word apostrophes, numbers spelled out; sentences.normalize), taken from the
+line's `text_norm` where it has one (synth.py's manifests do), so that the CTC transcript, the
+draft of speculative decoding, is what the model would write itself and is accepted.
+
 Sampling (EpochPlan): one list of batches per epoch, a pure function of (seed, epoch), so every
 rank computes the same plan and takes its own disjoint share, and a resumed run can skip exactly
 the batches it already used.
@@ -30,6 +36,7 @@ import torch
 
 from .activity import clip_segments, read_rttm, rttm_file_id
 from .audio import AudioError, audio_info, load_audio, pad_batch
+from .sentences import normalize
 from .tokenizer import TAGS
 
 COMPLETE, INCOMPLETE, BACKCHANNEL = TAGS
@@ -39,6 +46,7 @@ class ManifestError(ValueError):
     pass
 
 
+TRANSCRIPTS = ("as_written", "ctc")  # how the answer's transcript is written: the manifest's text, or a CTC head's
 SLACK_S = 0.02  # manifest durations are rounded: offset + duration may pass the file's end by this much
 
 
@@ -185,14 +193,19 @@ class Split:
     report: dict  # what the filters kept and dropped
 
 
-def load_split(paths, task: str, cfg, train: bool, seed: int = 0) -> Split:
+def load_split(paths, task: str, cfg, train: bool, seed: int = 0, transcript: str = "as_written") -> Split:
     """Read and check every manifest, then apply seed 000's filters (DatasetConfig fields). Any bad
     line (bad JSON or field, missing, unreadable or too short audio, a missing transcript or label
-    the task needs) stops here with the file and line, before training starts."""
+    the task needs) stops here with the file and line, before training starts. transcript: one of
+    TRANSCRIPTS, the form of each utterance's `text` (ctc_text)."""
+    if transcript not in TRANSCRIPTS:
+        raise ValueError(f"transcript must be one of {', '.join(TRANSCRIPTS)}, got {transcript!r}")
     items, sources = [], []
     for s, path in enumerate(paths):
         for u in read_manifest(path, require_label=task == "turntaking"):
             try:
+                if transcript == "ctc":
+                    u.text = ctc_text(u)
                 check_item(u, task)
             except ValueError as e:
                 raise ManifestError(f"{path}:{u.line}: {e}") from None
@@ -213,6 +226,18 @@ def load_split(paths, task: str, cfg, train: bool, seed: int = 0) -> Split:
     report["kept"] = len(keep)
     report["labels"] = {t: sum(items[i].label == t for i in keep) for t in TAGS}
     return Split([items[i] for i in keep], [sources[i] for i in keep], report)
+
+
+def ctc_text(u: Utterance) -> str | None:
+    """u's transcript as a CTC head writes it: the line's `text_norm` if it has one (kept as it
+    is: whoever wrote it knew the head), else `text` normalised (sentences.normalize); None
+    without either."""
+    norm = u.extra.get("text_norm")
+    if norm is not None:
+        if not isinstance(norm, str):
+            raise ValueError(f"'text_norm' must be a string, got {type(norm).__name__}")
+        return " ".join(norm.split())
+    return normalize(u.text) if u.text is not None else None
 
 
 def check_item(u: Utterance, task: str) -> None:

@@ -17,8 +17,6 @@ position where the tag is written. The tag set is tokenizer.TAGS, fixed.
 
 Dimension letters: B batch, N samples, T frames, L tokens, D width, V vocabulary.
 """
-import itertools
-import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,24 +26,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import speculative
 from .asr import CTCHead
 from .audio import LogMelFrontend, PreprocessorConfig
 from .config import build, refuse_unknown
 from .encoders import encoder_kind, load_encoder
 from .fastconformer import FastConformer, FastConformerConfig
-from .generate import generate
 from .llm import build_llm, llm_config, llm_name, load_llm
 from .projector import ProjectorConfig, build_projector
 from .qwen2 import Qwen2Config, init_token_rows
 from .qwen3_5 import Qwen3_5Config
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
-from .speculative import PrefixCache, can_rewind, decode, from_generation
 from .tokenizer import TAGS, Tokenizer, fit_embeddings
 from .weights import read_config, read_state, require, save_dir
 from .whisper import WhisperEncoder, WhisperEncoderConfig, WhisperFrontend
-
-log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that carry no loss
 NO_KERNELS = "speaker kernels are FastConformer-only (NeMo's SpeakerKernelMixin); this Speech-LLM's encoder is Whisper"
@@ -317,7 +312,7 @@ class SpeechLLM(nn.Module):
         the greedy answer in fewer LLM passes), or None: speculative where the model has a CTC head.
         prompt_cache: reuse the keys and values of the prompt text before <audio>. drafts: LLM ids
         per clip to verify instead of the CTC transcript's (tests, benchmarks)."""
-        decoding = self._decoding(decoding, drafts is not None)
+        decoding = speculative.choose(self, decoding, drafts is not None)
         t0 = time.perf_counter()
         ctc_ids = None
         if self.ctc is not None and self.encoder_tokenizer is not None:  # a head without its pieces drafts nothing
@@ -328,27 +323,10 @@ class SpeechLLM(nn.Module):
         B = len(audio_lens)
         ctc_texts = [self.ctc_tokenizer.decode(ids) for ids in ctc_ids] if ctc_ids is not None else None
         if decoding == "speculative" and drafts is None:
-            drafts = [self.draft_ids(t) for t in ctc_texts]
-        tag_only = self.cfg.prompt.answer_format == "tag_only"
+            drafts = [speculative.draft_ids(self, t) for t in ctc_texts]
         stop = self.tag_ids + self.tokenizer.eos_ids
-        n_new = 1 if tag_only else max_new_tokens
-        prompt, prefix_s = self.prompt_ids(), 0.0
-        if can_rewind(self.llm):
-            prefix, rows = None, [prompt] * B
-            if prompt_cache:  # the text before <audio> is the same for every clip: its keys and values once
-                j = prompt.index(self.audio_id)
-                if getattr(self, "_prefix", None) is None:
-                    self._prefix = PrefixCache()
-                *prefix, prefix_s = self._prefix.get(self.llm, prompt[:j])
-                rows = [prompt[j:]] * B
-            inputs, mask, _ = self.splice(audio_embeds, audio_lens, rows)
-            dec = decode(self.llm, inputs, mask, max_new_tokens=n_new, stop_ids=stop, pad_id=self.tokenizer.pad_id,
-                         keep_ids=self.tag_ids, prefix=prefix, drafts=drafts if decoding == "speculative" else None)
-        else:  # no cache to rewind (Qwen3.5): plain greedy decoding
-            inputs, mask, _ = self.splice(audio_embeds, audio_lens, [prompt] * B)
-            gen = generate(self.llm, inputs_embeds=inputs, attention_mask=mask, max_new_tokens=n_new,
-                           eos_ids=stop, pad_id=self.tokenizer.pad_id, return_scores=True)
-            dec = from_generation(gen, stop, self.tag_ids)
+        dec, prefix_s = speculative.answer(self, audio_embeds, audio_lens, max_new_tokens, stop, decoding, drafts,
+                                           prompt_cache)
         t2 = time.perf_counter()
         out = []
         for i in range(B):
@@ -373,34 +351,6 @@ class SpeechLLM(nn.Module):
                             **dec.timings},
             })
         return out
-
-    def _decoding(self, decoding: str | None, have_drafts: bool) -> str:
-        """The decoding predict uses: speculative needs a draft (a CTC head), a transcript to draft
-        (not tag_only) and a cache that can be cut back (not Qwen3.5); else greedy."""
-        if decoding not in (None, "greedy", "speculative"):
-            raise ValueError(f"decoding {decoding!r} is not 'greedy' or 'speculative'")
-        if decoding == "greedy":
-            return decoding
-        if (self.ctc is None or self.encoder_tokenizer is None) and not have_drafts:
-            if decoding == "speculative":
-                raise ValueError("speculative decoding drafts with the CTC head, and this Speech-LLM has none "
-                                 "(config.json has no ctc section) or no SentencePiece model for it")
-            return "greedy"
-        if not can_rewind(self.llm):
-            if decoding == "speculative":
-                log.warning("%s has no KV cache that can be rolled back: decoding greedily, without the draft",
-                            type(self.llm).__name__)
-            return "greedy"
-        return "greedy" if self.cfg.prompt.answer_format == "tag_only" else "speculative"
-
-    def draft_ids(self, text: str) -> list[int]:
-        """A CTC transcript as the LLM would write it, in the format of the training answers
-        (answer_ids: the transcript stripped, a space before the tag). Empty for tag_only models."""
-        if self.cfg.prompt.answer_format == "tag_only" or not text.strip():
-            return []
-        ids, at = self.answer_ids(text, TAGS[0])
-        special = set(self.tag_ids + self.tokenizer.eos_ids + [self.audio_id])
-        return list(itertools.takewhile(lambda t: t not in special, ids[:at]))
 
     @property
     def ctc_tokenizer(self) -> sentencepiece.SentencePieceProcessor:

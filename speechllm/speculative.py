@@ -29,15 +29,25 @@ Only what is read leaves the LLM: the LM head runs on the positions whose argmax
 per emitted token the logits of `keep_ids` (the tags) and the full-vocabulary log-sum-exp are kept,
 not a (B, N, V) score tensor.
 
+The Speech-LLM's side (the last section) is what SpeechLLM.predict asks of this module: which
+decoding a model gets (choose), its CTC transcript as a draft in the answer's format (draft_ids),
+and the answer itself after the spliced prompt (answer). They take the model as an argument, so
+this module imports no model.
+
 Dimension letters: B batch, L prompt positions, P prefix tokens, W tokens per pass, V vocabulary.
 """
 import itertools
+import logging
 import time
 from typing import NamedTuple
 
 import torch
 
+from .generate import generate
 from .qwen2 import Qwen2ForCausalLM
+from .tokenizer import TAGS
+
+log = logging.getLogger(__name__)
 
 
 class Decoded(NamedTuple):
@@ -263,3 +273,66 @@ def decode(llm: Qwen2ForCausalLM, inputs_embeds, attention_mask, *, max_new_toke
     accepted = [d.accepted for d in drafts] if drafts else [0] * B
     return Decoded(tokens, kept_t, lse_t, passes, offered, accepted,
                    {"prefill_s": round(t1 - t0, 4), "decode_s": round(t2 - t1, 4)})
+
+
+# ---------------------------------------------------------------------------------------------
+# the Speech-LLM's answer (model: a SpeechLLM)
+
+
+def choose(model, decoding: str | None, have_drafts: bool) -> str:
+    """The decoding predict uses: speculative needs a draft (a CTC head with its SentencePiece
+    model, or drafts given), a transcript to draft (not tag_only) and a cache that can be cut back
+    (not Qwen3.5); else greedy. decoding None: speculative wherever it can be."""
+    if decoding not in (None, "greedy", "speculative"):
+        raise ValueError(f"decoding {decoding!r} is not 'greedy' or 'speculative'")
+    if decoding == "greedy":
+        return decoding
+    if (model.ctc is None or model.encoder_tokenizer is None) and not have_drafts:
+        if decoding == "speculative":
+            raise ValueError("speculative decoding drafts with the CTC head, and this Speech-LLM has none "
+                             "(config.json has no ctc section) or no SentencePiece model for it")
+        return "greedy"
+    if not can_rewind(model.llm):
+        if decoding == "speculative":
+            log.warning("%s has no KV cache that can be rolled back: decoding greedily, without the draft",
+                        type(model.llm).__name__)
+        return "greedy"
+    return "greedy" if model.cfg.prompt.answer_format == "tag_only" else "speculative"
+
+
+def draft_ids(model, text: str) -> list[int]:
+    """A CTC transcript as the LLM would write it, in the format of the training answers
+    (answer_ids: the transcript stripped, a space before the tag). Empty for tag_only models."""
+    if model.cfg.prompt.answer_format == "tag_only" or not text.strip():
+        return []
+    ids, at = model.answer_ids(text, TAGS[0])
+    special = set(model.tag_ids + model.tokenizer.eos_ids + [model.audio_id])
+    return list(itertools.takewhile(lambda t: t not in special, ids[:at]))
+
+
+def answer(model, audio_embeds, audio_lens, max_new_tokens: int, stop_ids, decoding: str, drafts,
+           prompt_cache: bool) -> tuple[Decoded, float]:
+    """The greedy answers after the prompt with each clip's audio (B, T', D), (B,) spliced in ->
+    (Decoded, prefix_s). With a cache that can be cut back: decode, the drafts verified when
+    `decoding` is speculative, and with prompt_cache the text before <audio> taken from the
+    model's PrefixCache; else (Qwen3.5) generate(). tag_only models write one token, the tag."""
+    B = len(audio_lens)
+    n_new = 1 if model.cfg.prompt.answer_format == "tag_only" else max_new_tokens
+    prompt, prefix_s = model.prompt_ids(), 0.0
+    pad_id = model.tokenizer.pad_id
+    if not can_rewind(model.llm):  # no cache to rewind: plain greedy decoding
+        inputs, mask, _ = model.splice(audio_embeds, audio_lens, [prompt] * B)
+        gen = generate(model.llm, inputs_embeds=inputs, attention_mask=mask, max_new_tokens=n_new,
+                       eos_ids=stop_ids, pad_id=pad_id, return_scores=True)
+        return from_generation(gen, stop_ids, model.tag_ids), prefix_s
+    prefix, rows = None, [prompt] * B
+    if prompt_cache:  # the text before <audio> is the same for every clip: its keys and values once
+        j = prompt.index(model.audio_id)
+        if getattr(model, "_prefix", None) is None:
+            model._prefix = PrefixCache()
+        *prefix, prefix_s = model._prefix.get(model.llm, prompt[:j])
+        rows = [prompt[j:]] * B
+    inputs, mask, _ = model.splice(audio_embeds, audio_lens, rows)
+    dec = decode(model.llm, inputs, mask, max_new_tokens=n_new, stop_ids=stop_ids, pad_id=pad_id,
+                 keep_ids=model.tag_ids, prefix=prefix, drafts=drafts if decoding == "speculative" else None)
+    return dec, prefix_s

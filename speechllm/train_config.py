@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .config import build
+from .data import TRANSCRIPTS
 from .weights import yaml_problem
 
 
@@ -125,12 +126,19 @@ class DatasetConfig:
 @dataclass(frozen=True)
 class DataConfig:
     task: str = "turntaking"  # asr: transcript targets (Stage 1); turntaking: transcript + tag (Stage 2)
+    # How the answer's transcript is written, in training and dev WER alike. as_written: each line's
+    # `text`. ctc: as the encoder's CTC head emits it (parakeet: lowercase, no punctuation, numbers
+    # spelled out; the line's `text_norm` where it has one), so speculative decoding's CTC draft is
+    # what the model writes and is accepted (data.ctc_text).
+    transcript: str = "as_written"
     train_ds: DatasetConfig = field(default_factory=DatasetConfig)
     validation_ds: DatasetConfig | None = None
 
     def __post_init__(self):
         if self.task not in ("asr", "turntaking"):
             raise ValueError(f"data.task must be asr or turntaking, got {self.task!r}")
+        if self.transcript not in TRANSCRIPTS:
+            raise ValueError(f"data.transcript must be {' or '.join(TRANSCRIPTS)}, got {self.transcript!r}")
         if not self.train_ds.manifest_filepath:
             raise ValueError("data.train_ds.manifest_filepath is empty")
 

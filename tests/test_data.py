@@ -7,9 +7,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import load_script
 from speechllm.data import (ClipDataset, EpochPlan, ManifestError, class_weights, collate, draw_probabilities,
                             load_split)
-from speechllm.train_config import DatasetConfig
+from speechllm.train_config import DatasetConfig, load_config
 
 
 def write(path, rows) -> str:
@@ -51,6 +52,43 @@ def test_bad_lines_stop_with_file_and_line(clips):
     path = write(clips / "m.jsonl", [row(0), {"audio_filepath": "audio/1.wav", "label": "COMPLETE"}])
     with pytest.raises(ManifestError, match=f"{path}:2: missing 'text'"):
         load_split([path], "asr", cfg, train=True)  # Stage 1 trains on transcripts
+
+
+def test_transcripts_as_the_ctc_head_writes_them(clips):
+    """data.transcript=ctc: the answer text is the CTC form (lowercase, no punctuation but in-word
+    apostrophes, numbers spelled out), the line's text_norm where it has one; the default keeps
+    `text` as written; any other value is refused."""
+    written = ["Yes, it's 20 past 3.", "We'll meet at the Co-op -- OK?", "I was, uh...", "About 115 minutes."]
+    rows = [{"audio_filepath": f"audio/{i}.wav", "text": t, "label": "COMPLETE"} for i, t in enumerate(written)]
+    rows[3]["text_norm"] = "about  one hundred and fifteen minutes"  # the manifest's own normalisation wins
+    path = write(clips / "m.jsonl", rows)
+    cfg = DatasetConfig(manifest_filepath=(path,))
+    ctc = [u.text for u in load_split([path], "turntaking", cfg, train=False, transcript="ctc").items]
+    assert ctc == ["yes it's twenty past three", "we'll meet at the co op ok", "i was uh",
+                   "about one hundred and fifteen minutes"]
+    assert [u.text for u in load_split([path], "turntaking", cfg, train=False).items] == written
+    assert [u.text for u in load_split([path], "asr", cfg, train=False, transcript="as_written").items] == written
+    tag_only = write(clips / "t.jsonl", [{"audio_filepath": "audio/0.wav", "label": "COMPLETE"}])
+    assert load_split([tag_only], "turntaking", cfg, train=False, transcript="ctc").items[0].text is None
+    empty = write(clips / "e.jsonl", [{"audio_filepath": "audio/0.wav", "text": "?!"}])
+    with pytest.raises(ManifestError, match=f"{empty}:1: missing 'text'"):  # nothing left to train on
+        load_split([empty], "asr", cfg, train=False, transcript="ctc")
+    with pytest.raises(ValueError, match="transcript must be one of as_written, ctc, got 'lower'"):
+        load_split([path], "asr", cfg, train=False, transcript="lower")
+
+    # the config's data.transcript, default as_written, reaches both splits through train.py
+    conf = clips / "c.yaml"
+    conf.write_text(f"model:\n  init_from: ckpt\ndata:\n  task: asr\n  train_ds:\n    manifest_filepath: {path}\n"
+                    f"  validation_ds:\n    manifest_filepath: {path}\n")
+    assert load_config(conf).data.transcript == "as_written"
+    with pytest.raises(ValueError, match="data.transcript must be as_written or ctc, got 'CTC'"):
+        load_config(conf, ["data.transcript=CTC"])
+    train = load_script("train")
+    args = type("Args", (), {"resume": None})()
+    *_, tr, dev = train.prepare(load_config(conf, ["data.transcript=ctc"]), args)
+    assert [u.text for u in tr.items] == [u.text for u in dev.items] == ctc
+    *_, tr, dev = train.prepare(load_config(conf), args)
+    assert [u.text for u in tr.items] == [u.text for u in dev.items] == written
 
 
 def test_relative_paths_durations_and_duration_filter(clips):

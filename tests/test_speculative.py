@@ -10,7 +10,7 @@ from conftest import stop_ids
 from speechllm.audio import pad_batch
 from speechllm.generate import generate
 from speechllm.model import SpeechLLM, assemble
-from speechllm.speculative import PrefixCache, decode
+from speechllm.speculative import PrefixCache, decode, draft_ids
 from speechllm.tokenizer import TAGS, Tokenizer
 
 TOL = 1e-5  # fp32 probabilities, speculative / cached against plain greedy
@@ -135,7 +135,7 @@ def test_checkpoints_without_a_ctc_head_decode_greedily(batch):
 
 def test_draft_is_the_training_answer_format(model):
     ids, at = model.answer_ids("hello world", "<COMPLETE>")
-    assert model.draft_ids(" hello world ") == ids[:at] and model.draft_ids("  ") == []
+    assert draft_ids(model, " hello world ") == ids[:at] and draft_ids(model, "  ") == []
 
 
 # ---------------------------------------------------------------------------------------------
