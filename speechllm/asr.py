@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, AudioError, LogMelFrontend, PreprocessorConfig, check_audio, load_audio, pad_batch
 from .config import refuse_unknown
-from .convert import NEMO_CTC_KEYS, ConversionError, dropped_keys, open_nemo, read_nemo_tokenizer, remap
+from .convert import NEMO_CTC_KEYS, ConversionError, dropped_keys, open_nemo, read_nemo_tokenizer, reading, remap
 from .fastconformer import FastConformer, FastConformerConfig
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .weights import read_config, read_state, require, save_dir
@@ -200,7 +200,7 @@ class ASRModel(nn.Module):
     @classmethod
     def from_nemo(cls, path, legacy_frontend: bool = False) -> "ASRModel":
         archive, table = open_nemo(path, "fastconformer_ctc", "an ASR model we can import")
-        try:
+        with reading(archive, path):
             target = archive.target
             ctc = table is NEMO_CTC_KEYS  # else the multitalker RNNT model: encoder and kernels only
             c = archive.config
@@ -215,12 +215,6 @@ class ASRModel(nn.Module):
             if left_out := dropped_keys(table, source):
                 log.warning("%s: %d RNNT decoder/joint tensors not imported (there is no RNNT decoding here, "
                             "so this model can encode but not transcribe): %s", path, len(left_out), ", ".join(left_out))
-        except KeyError as e:  # a model_config.yaml without a section NeMo always writes
-            raise ConversionError(f"{path}: model_config.yaml: missing {e.args[0]!r}") from None
-        except TypeError as e:  # ... or with one of the wrong kind
-            raise ConversionError(f"{path}: model_config.yaml: {e}") from None
-        finally:
-            archive.close()
         if vocab is not None and model.tokenizer.get_piece_size() != vocab:
             raise ConversionError(
                 f"{path}: tokenizer has {model.tokenizer.get_piece_size()} pieces but the CTC head expects {vocab}"

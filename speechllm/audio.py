@@ -367,7 +367,21 @@ def normalize(x: torch.Tensor, lengths: torch.Tensor, mode: str | None) -> torch
     return (x - mean) / (std + NORM_EPS)
 
 
-class LogMelFrontend(nn.Module):
+class Float32Frontend(nn.Module):
+    """Base of the log-mel frontends (NeMo's here, Whisper's in whisper.py): they hold no weights,
+    only buffers (window, filterbank), which stay float32 whatever cast the model gets."""
+
+    def _apply(self, fn, recurse=True):
+        """Every cast and move of a module (.to, .half(), .bfloat16(), .cuda(), ...) runs through here:
+        the buffers take the device `fn` gives them but stay float32 with their float32 values, as
+        NeMo keeps its frontend (casting to bf16 and back would round the filterbank)."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device=fn(buf).device, dtype=torch.float32)
+        return self
+
+
+class LogMelFrontend(Float32Frontend):
     """audio (B, N) float, lengths (B,) samples -> log-mel features (B, n_mels, T) float32, lengths (B,) int64."""
 
     def __init__(self, cfg: PreprocessorConfig):
@@ -378,15 +392,6 @@ class LogMelFrontend(nn.Module):
         self.register_buffer("window", WINDOWS[cfg.window](cfg.win_length, periodic=False))  # (win_length,)
         fb = mel_filterbank(cfg.sample_rate, cfg.fft_size, cfg.features, cfg.lowfreq, fmax, cfg.mel_norm)
         self.register_buffer("fb", fb[None])  # (1, n_mels, n_fft // 2 + 1)
-
-    def _apply(self, fn, recurse=True):
-        """Every cast and move of a module (.to, .half(), .bfloat16(), .cuda(), ...) runs through here:
-        the buffers take the device `fn` gives them but stay float32 with their float32 values, as
-        NeMo keeps its frontend (casting to bf16 and back would round the filterbank)."""
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                self._buffers[name] = buf.to(device=fn(buf).device, dtype=torch.float32)
-        return self
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):

@@ -12,6 +12,7 @@ Key renaming is a visible table per source format, all of them in the block belo
 one and reports every problem at once: source tensors nothing consumed, target tensors nothing
 filled, and shape mismatches.
 """
+import contextlib
 import os
 import tarfile
 import tempfile
@@ -396,3 +397,18 @@ def _rows(sd: dict, table: dict):
         dest = "UNPLACED" if name in unplaced else (where[name] or "dropped")
         rows.append((name, shape, dtype, dest))
     return rows
+
+
+@contextlib.contextmanager
+def reading(archive, path):
+    """Around building a model from an open .nemo: the archive is closed whatever happens, and a
+    model_config.yaml missing a section NeMo always writes (KeyError), or holding one of the wrong
+    kind (TypeError), becomes one ConversionError naming the archive."""
+    try:
+        yield
+    except KeyError as e:
+        raise ConversionError(f"{path}: model_config.yaml: missing {e.args[0]!r}") from None
+    except TypeError as e:
+        raise ConversionError(f"{path}: model_config.yaml: {e}") from None
+    finally:
+        archive.close()

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from .audio import LogMelFrontend, PreprocessorConfig
 from .config import build, refuse_unknown
-from .convert import dropped_keys, open_nemo, remap
+from .convert import dropped_keys, open_nemo, reading, remap
 from .fastconformer import FastConformer, FastConformerConfig, make_pad_mask
-from .weights import ConversionError, read_config, read_state, require, save_dir
+from .weights import read_config, read_state, require, save_dir
 
 log = logging.getLogger(__name__)
 
@@ -250,19 +250,13 @@ class SortFormer(nn.Module):
     @classmethod
     def from_nemo(cls, path, legacy_frontend: bool = False) -> "SortFormer":
         archive, table = open_nemo(path, "sortformer", "a SortFormer diarizer")
-        try:
+        with reading(archive, path):
             target = archive.target
             model = cls(SortFormerConfig.from_nemo(archive.config, legacy_frontend))
             source = archive.state_dict()
             sd = remap(table, source, model.state_dict(), f"{path} ({target})")
             model.load_state_dict(sd, strict=True)
             log.info("%s: left out, unused by the offline forward: %s", path, ", ".join(dropped_keys(table, source)))
-        except KeyError as e:  # a model_config.yaml without a section NeMo always writes
-            raise ConversionError(f"{path}: model_config.yaml: missing {e.args[0]!r}") from None
-        except TypeError as e:  # ... or with one of the wrong kind
-            raise ConversionError(f"{path}: model_config.yaml: {e}") from None
-        finally:
-            archive.close()
         return model.eval()
 
     @classmethod

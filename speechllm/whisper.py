@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .audio import SAMPLE_RATE, AudioError, mel_filterbank
+from .audio import SAMPLE_RATE, AudioError, Float32Frontend, mel_filterbank
 from .convert import dropped_keys, place, remap
 from .config import build
 from .weights import headers, open_safetensors, read_json, save_dir, weight_files
@@ -150,7 +150,7 @@ def mel_lengths(num_samples: torch.Tensor, hop_length: int) -> torch.Tensor:
     return torch.div(num_samples + hop_length - 1, hop_length, rounding_mode="floor")
 
 
-class WhisperFrontend(nn.Module):
+class WhisperFrontend(Float32Frontend):
     """audio (B, N) float at 16 kHz, lengths (B,) samples -> log-mel (B, n_mels, 3000) float32,
     mel lengths (B,) int64."""
 
@@ -160,14 +160,6 @@ class WhisperFrontend(nn.Module):
         # Not persistent: computed, never loaded, and absent from upstream checkpoints.
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)  # periodic, (n_fft,)
         self.register_buffer("mel_filters", whisper_mel_filters(cfg), persistent=False)  # (n_mels, n_freqs)
-
-    def _apply(self, fn, recurse=True):
-        """Casts and moves (.to, .bfloat16(), .cuda(), ...) take the device but keep the buffers
-        float32 with their float32 values: a bf16 round trip would round the mel filters."""
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                self._buffers[name] = buf.to(device=fn(buf).device, dtype=torch.float32)
-        return self
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None):
