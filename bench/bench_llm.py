@@ -256,7 +256,7 @@ def main():
         print(json.dumps([bench(m, args.dtype, args.runs, args.prompt, args.new, args.layers) for m in args.model]))
         return
     dtypes = ["float32"] + (["bfloat16"] if fast_dtype("cpu") == torch.bfloat16 else [])
-    out = {"torch": torch.__version__, "threads": 2,
+    out = {"torch": torch.__version__, "threads": 2, "dtypes": dtypes,  # speechllm.precision's choice, now
            "transformers": transformers.__version__ if transformers is not None else None}
     for model in args.model:
         extra = ["--model", model, "--runs", str(args.runs), "--prompt", str(args.prompt), "--new", str(args.new)]
