@@ -130,7 +130,7 @@ def run(model, clips: dict, batch_size: int, max_new_tokens: int, device, args, 
                     [speakers.get(n, [(0.0, len(clips[n]) / SAMPLE_RATE, "target")]) for n in chunk]
                 target = [targets.get(n, args.target_speaker) for n in chunk] if targets else args.target_speaker
                 out = predict_with_activity(model, audio, lengths, clip_speakers, target, max_new_tokens,
-                                            args.threshold)
+                                            args.threshold, decoding=args.decoding)
             else:
                 out = model.predict(audio, lengths, max_new_tokens, decoding=args.decoding)
             results.update(zip(chunk, out))
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             if not isinstance(model, SpeechLLM) or not isinstance(model.llm, Qwen2ForCausalLM):
                 raise ValueError(f"{path}: --quantize int8 is for a Speech-LLM with a Qwen2 / Qwen3 LLM")
             quantize_int8(model.llm)
-        if args.decoding == "speculative" and getattr(model, "ctc", None) is None:
+        if args.decoding == "speculative" and not getattr(model, "can_draft", False):
             raise ValueError(f"{path}: --decoding speculative drafts with a CTC head, and this checkpoint has none")
         if (args.diarizer or args.rttm) and getattr(model, "spk_kernels", None) is None:
             raise ValueError(f"{path}: --diarizer and --rttm need a Speech-LLM checkpoint with speaker kernels")

@@ -13,6 +13,7 @@ import torch
 from .asr import ASRModel
 from .audio import AudioError, LogMelFrontend, PreprocessorConfig, load_audio, resample
 from .convert import NemoArchive, nemo_model
+from .encoders import DIRECTORY_TYPES as ENCODER_TYPES
 from .encoders import load_encoder
 from .fastconformer import FastConformer, FastConformerConfig
 from .llm import SUPPORTED as LLM_TYPES
@@ -40,14 +41,12 @@ def load(path, dtype: torch.dtype | None = None, device="cpu"):
         return (model.to(dtype) if dtype is not None and isinstance(model, ASRModel) else model).to(device)
     config = path / "config.json"
     kind = read_json(config).get("model_type") if config.is_file() else None
-    if kind == "fastconformer_ctc":
-        return ASRModel.from_pretrained(path, dtype=dtype).to(device)
+    if kind in ENCODER_TYPES:  # a converted FastConformer, a Hugging Face Whisper directory, or ours
+        return load_encoder(path, dtype=dtype).to(device)
     if kind == "speechllm":
         return SpeechLLM.from_pretrained(path, dtype=dtype).to(device)
     if kind == "sortformer":
         return SortFormer.from_pretrained(path).to(device)
-    if kind in ("whisper", "whisper_encoder"):  # a Hugging Face Whisper directory, or ours
-        return WhisperEncoder.from_pretrained(path, dtype=dtype).to(device)
     if kind in LLM_TYPES:
         return load_llm(path, dtype=dtype, device=device)
     raise FileNotFoundError(f"{path}: not a checkpoint directory (config.json missing, or model_type {kind!r} unknown)")

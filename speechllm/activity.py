@@ -288,7 +288,8 @@ def diarizer_masks(diarizer, audio: torch.Tensor, lengths: torch.Tensor, num_fra
 
 
 def predict_with_activity(model, audio: torch.Tensor, lengths: torch.Tensor, speakers, target: int | str = "auto",
-                          max_new_tokens: int = 64, threshold: float = 0.5, binary: bool = False) -> list[dict]:
+                          max_new_tokens: int = 64, threshold: float = 0.5, binary: bool = False,
+                          decoding: str | None = None) -> list[dict]:
     """SpeechLLM.predict with each clip's speaker activity. speakers: a diarizer (a SortFormer, run on
     each clip alone; threshold and binary apply) or one list of segments per clip (clip_segments).
     Each result also names its target speaker ("speaker": the diarizer's index, or the label)."""
@@ -300,7 +301,8 @@ def predict_with_activity(model, audio: torch.Tensor, lengths: torch.Tensor, spe
         s, g, targets = rttm_masks(speakers, frames, durations, target, grid_of(model.cfg))
     else:
         s, g, targets = diarizer_masks(speakers, audio, lengths, frames, target, threshold, binary)
-    out = model.predict(audio, lengths, max_new_tokens, spk_targets=s.to(audio.device), bg_spk_targets=g.to(audio.device))
+    out = model.predict(audio, lengths, max_new_tokens, spk_targets=s.to(audio.device), bg_spk_targets=g.to(audio.device),
+                        decoding=decoding)
     return [{**r, "speaker": k} for r, k in zip(out, targets)]
 
 

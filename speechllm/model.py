@@ -315,7 +315,7 @@ class SpeechLLM(nn.Module):
         decoding = speculative.choose(self, decoding, drafts is not None)
         t0 = time.perf_counter()
         ctc_ids = None
-        if self.ctc is not None and self.encoder_tokenizer is not None:  # a head without its pieces drafts nothing
+        if self.can_draft:
             audio_embeds, audio_lens, ctc_ids = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets, ctc=True)
         else:
             audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
@@ -351,6 +351,12 @@ class SpeechLLM(nn.Module):
                             **dec.timings},
             })
         return out
+
+    @property
+    def can_draft(self) -> bool:
+        """A CTC head with its SentencePiece model, so predict can draft the transcript (a head
+        without its pieces drafts nothing)."""
+        return self.ctc is not None and self.encoder_tokenizer is not None
 
     @property
     def ctc_tokenizer(self) -> sentencepiece.SentencePieceProcessor:

@@ -287,7 +287,7 @@ def choose(model, decoding: str | None, have_drafts: bool) -> str:
         raise ValueError(f"decoding {decoding!r} is not 'greedy' or 'speculative'")
     if decoding == "greedy":
         return decoding
-    if (model.ctc is None or model.encoder_tokenizer is None) and not have_drafts:
+    if not model.can_draft and not have_drafts:
         if decoding == "speculative":
             raise ValueError("speculative decoding drafts with the CTC head, and this Speech-LLM has none "
                              "(config.json has no ctc section) or no SentencePiece model for it")
