@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.checkpoint is None:
-        print(f"using the bundled demo model ({DEMO}): trained on synthetic espeak-ng speech only", file=sys.stderr)
+        print(f"using the bundled demo model ({DEMO}): trained on synthetic speech only (espeak-ng, flite, festival voices)", file=sys.stderr)
     if args.stream:
         return stream(model, args)
     items = [(p, p, 0.0, None) for p in args.audio] + [(f"{u.audio}@{u.offset:g}", u.audio, u.offset, u.duration) for u in utts]

@@ -70,6 +70,11 @@ def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
         model = SpeechLLM.from_pretrained(resume)
     elif mc.init_from:
         model = SpeechLLM.from_pretrained(mc.init_from)
+        if mc.prompt:  # fields over the checkpoint's own prompt, e.g. a new answer_format for a next stage
+            fields = {**dataclasses.asdict(model.cfg.prompt), **mc.prompt}
+            if fields["audio_token"] != model.cfg.prompt.audio_token:
+                raise ValueError("model.prompt.audio_token: the checkpoint's own placeholder token cannot change")
+            model.cfg = dataclasses.replace(model.cfg, prompt=PromptConfig.from_dict(fields, "model.prompt."))
     else:  # model.projector: fields over assemble's projector, which fits the encoder and LLM widths
         model = assemble(mc.pretrained_asr, mc.pretrained_llm, mc.projector, PromptConfig.from_dict(mc.prompt, "model.prompt."),
                          seed=seed)
@@ -81,6 +86,8 @@ def build_model(mc, resume: Path | None, seed: int) -> SpeechLLM:
             raise ValueError(f"the model already has speaker kernels {model.cfg.speaker}, not {sc}")
     if mc.tag_loss_weight is not None:
         model.cfg = dataclasses.replace(model.cfg, tag_loss_weight=mc.tag_loss_weight)
+    if mc.ctc_loss_weight is not None:
+        model.cfg = dataclasses.replace(model.cfg, ctc_loss_weight=mc.ctc_loss_weight)  # refuses > 0 without a head
     return model
 
 
@@ -367,7 +374,7 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(batches) for _ in range(accum)]
-        sums, tag_losses = torch.zeros(3, dtype=torch.float64, device=d.device), []  # loss x weight, weight, clips
+        sums, tag_losses, ctc_losses = torch.zeros(3, dtype=torch.float64, device=d.device), [], []  # loss x weight, weight, clips
         for i, batch in enumerate(micro):
             audio, lengths = batch["audio"].to(d.device, non_blocking=True), batch["lengths"].to(d.device)
             s, g = speaker_masks(model, batch, d.device)
@@ -384,6 +391,8 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
             sums += torch.stack([loss.detach().double() * w, w, w.new_tensor(len(batch["index"]))])
             if stats["tag_loss"] is not None:
                 tag_losses.append(float(stats["tag_loss"]))
+            if "ctc_loss" in stats:
+                ctc_losses.append(float(stats["ctc_loss"]))
         loss_sum, total_weight, n_samples = dist.all_reduce_sum(sums).tolist()
         train_loss = loss_sum / total_weight
         for p in params:  # the global token mean's gradient; DDP averaged over ranks, hence * world
@@ -415,7 +424,10 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
             rec = {"loss": train_loss, "tag_loss": sum(tag_losses) / len(tag_losses) if tag_losses else None,
                    "lr": lr, "grad_norm": grad_norm, "skipped": loop["skipped"], "epoch": loop["epoch"],
                    "s_per_step": dt, "samples_per_s": samples_seen / (dt * timed_steps)}
+            if ctc_losses:
+                rec["ctc_loss"] = sum(ctc_losses) / len(ctc_losses)
             log.line(f"step {step:6d} | loss {train_loss:.4f} | tag loss {rec['tag_loss'] or float('nan'):.4f} | "
+                     + (f"ctc loss {rec['ctc_loss']:.4f} | " if ctc_losses else "") +
                      f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms/step | "
                      f"{rec['samples_per_s']:.1f} samples/s | eta {dt * (tc.max_steps - step) / 60:.1f} min")
             log.record(step, "train", rec)

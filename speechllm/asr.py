@@ -75,32 +75,38 @@ class CTCDecoder(nn.Module):
 
 
 class CTCHead(nn.Module):
-    """A CTC decoder's weights carried by the Speech-LLM as its transcript drafter (speculative.py):
-    the same 1x1 conv to vocab+1 classes (blank last) as CTCDecoder, held as buffers, so no freeze
-    preset, optimizer or DDP ever sees them (the training loss does not use them). Keys: ctc.weight
-    (V+1, D_enc), ctc.bias (V+1,)."""
+    """A CTC decoder's weights carried by the Speech-LLM: the transcript drafter of speculative
+    decoding, and, with the model's ctc_loss_weight > 0, an auxiliary CTC loss on the encoder
+    (the demo trains its head that way). The same 1x1 conv to vocab+1 classes (blank last) as
+    CTCDecoder, as a (V+1, D_enc) matrix. With ctc_loss_weight 0 the loss never reaches it and
+    optim.setup_trainable freezes it. Keys: ctc.weight (V+1, D_enc), ctc.bias (V+1,)."""
 
     def __init__(self, d_in: int, vocab_size: int):
         super().__init__()
-        self.register_buffer("weight", torch.zeros(vocab_size + 1, d_in))
-        self.register_buffer("bias", torch.zeros(vocab_size + 1))
+        self.weight = nn.Parameter(torch.zeros(vocab_size + 1, d_in))
+        self.bias = nn.Parameter(torch.zeros(vocab_size + 1))
 
     @classmethod
     def of(cls, decoder: CTCDecoder) -> "CTCHead":
         conv = decoder.decoder_layers[0]
         head = cls(conv.in_channels, conv.out_channels - 1)
-        head.weight.copy_(conv.weight.detach()[:, :, 0])
-        head.bias.copy_(conv.bias.detach())
+        with torch.no_grad():
+            head.weight.copy_(conv.weight[:, :, 0])
+            head.bias.copy_(conv.bias)
         return head
 
     @property
     def blank_id(self) -> int:
         return self.weight.shape[0] - 1
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """encoded (B, T, D_enc) -> (B, T, V+1)."""
+        return x @ self.weight.to(x.dtype).T + self.bias.to(x.dtype)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """encoded (B, T, D_enc), lengths (B,) -> greedy CTC piece ids per item."""
-        logits = x @ self.weight.to(x.dtype).T + self.bias.to(x.dtype)  # (B, T, V+1)
-        return ctc_greedy(logits, lengths, self.blank_id)
+        with torch.no_grad():
+            return ctc_greedy(self.logits(x), lengths, self.blank_id)
 
 
 def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:

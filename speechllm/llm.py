@@ -39,7 +39,7 @@ def llm_config(d: dict, where: str = "llm") -> Qwen2Config | Qwen3_5Config:
             return Qwen2Config.from_hf(d)
         if model_type in QWEN3_5_TYPES:
             return Qwen3_5Config.from_hf(d)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a value of the wrong type met arithmetic before build checked it
         raise ValueError(f"{where}: {e}") from None
     raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
 

@@ -36,6 +36,7 @@ from .llm import build_llm, llm_config, llm_name, load_llm
 from .projector import ProjectorConfig, build_projector
 from .qwen2 import Qwen2Config, init_token_rows
 from .qwen3_5 import Qwen3_5Config
+from .sentences import normalize
 from .speaker import SpeakerKernelConfig, build_kernels, kernel_hook
 from .speaker import init_weights as init_speaker_kernels
 from .tokenizer import TAGS, Tokenizer, fit_embeddings
@@ -85,6 +86,7 @@ class SpeechLLMConfig:
     tag_loss_weight: float = 5.0  # seed 000: the tag token's cross-entropy counts 5x
     speaker: SpeakerKernelConfig | None = None  # speaker kernels in the encoder; None: none
     ctc: CTCConfig | None = None  # the CTC draft head; None (older checkpoints, SALM imports): no draft
+    ctc_loss_weight: float = 0.0  # an auxiliary CTC loss on the encoder through `ctc` (0: the head is not trained)
 
     def __post_init__(self):
         if self.encoder_kind == "whisper":
@@ -95,6 +97,8 @@ class SpeechLLMConfig:
                                  "its encoder config")
         elif self.preprocessor is None:
             raise ValueError("a FastConformer Speech-LLM needs its preprocessor config")
+        if self.ctc_loss_weight < 0 or (self.ctc_loss_weight > 0 and self.ctc is None):
+            raise ValueError(f"ctc_loss_weight {self.ctc_loss_weight}: must be >= 0, and > 0 needs a CTC head")
 
     @property
     def encoder_kind(self) -> str:
@@ -116,14 +120,14 @@ class SpeechLLMConfig:
             "projector": self.projector.to_dict(), "llm": self.llm.to_hf(),
             "prompt": asdict(self.prompt), "tag_loss_weight": self.tag_loss_weight,
             "speaker_kernels": self.speaker.to_dict() if self.speaker else None,
-        } | ({"ctc": asdict(self.ctc)} if self.ctc else {})
+        } | ({"ctc": asdict(self.ctc), "ctc_loss_weight": self.ctc_loss_weight} if self.ctc else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeechLLMConfig":
         if d.get("model_type") != "speechllm":
             raise ValueError(f"not a Speech-LLM config: model_type={d.get('model_type')!r}")
         refuse_unknown(d, ("model_type", "encoder_kind", "preprocessor", "encoder", "projector", "llm", "prompt",
-                           "tag_loss_weight", "speaker_kernels", "ctc"))
+                           "tag_loss_weight", "speaker_kernels", "ctc", "ctc_loss_weight"))
         kind = d.get("encoder_kind", "fastconformer")  # files written before Whisper have no encoder_kind
         if kind not in ("fastconformer", "whisper"):
             raise ValueError(f"encoder_kind {kind!r} is not 'fastconformer' or 'whisper'")
@@ -137,6 +141,7 @@ class SpeechLLMConfig:
             tag_loss_weight=d.get("tag_loss_weight", 5.0),
             speaker=SpeakerKernelConfig.from_dict(d["speaker_kernels"]) if d.get("speaker_kernels") else None,
             ctc=build(CTCConfig, d["ctc"], "ctc.") if d.get("ctc") else None,
+            ctc_loss_weight=d.get("ctc_loss_weight", 0.0),
         )
 
 
@@ -267,9 +272,15 @@ class SpeechLLM(nn.Module):
         the prompt and audio positions carry none. The tag token weighs `tag_loss_weight`, every other
         answer token 1, and the loss is sum(w * ce) / sum(w) over the batch: a weighted token mean, so
         long transcripts count more than short ones, as in NeMo SALM's token-level mean.
-        Returns (loss, stats): the plain token loss and the tag loss for logging, and `weight`,
-        sum(w), which makes this batch's share of a larger batch's token mean (train.py)."""
-        audio_embeds, audio_lens = self.embed_audio(audio, lengths, spk_targets, bg_spk_targets)
+        With ctc_loss_weight > 0, each clip's CTC negative log-likelihood of its transcript
+        (sentences.normalize'd, in the head's SentencePiece pieces) joins the numerator, times the
+        weight: loss = (sum(w * ce) + ctc_loss_weight * sum(ctc)) / sum(w), so micro-batches and
+        ranks still combine into the global batch's exact value (train.py).
+        Returns (loss, stats): the plain token loss and the tag loss for logging (and ctc_loss, per
+        target piece), and `weight`, sum(w), which makes this batch's share of a larger batch's
+        token mean (train.py)."""
+        x, lens = self.encode(*self.features(audio, lengths), spk_targets, bg_spk_targets)  # (B, T, D_enc)
+        audio_embeds, audio_lens = self.projector(x, lens)  # (B, T', D)
         prompt = self.prompt_ids()
         rows, labels, weights = [], [], []
         for transcript, tag in zip(transcripts, tags):
@@ -292,10 +303,31 @@ class SpeechLLM(nn.Module):
         ce = F.cross_entropy(logits, target[sel], reduction="none")
         w = weight[sel]  # each label's own weight, spliced with it
         is_tag = torch.isin(target[sel], torch.tensor(self.tag_ids, device=ce.device))
-        loss = (ce * w).sum() / w.sum()
+        total = (ce * w).sum()
         stats = {"token_loss": ce.mean().detach(), "tag_loss": ce[is_tag].mean().detach() if is_tag.any() else None,
                  "weight": w.sum().detach()}
-        return loss, stats
+        if self.cfg.ctc_loss_weight > 0:
+            ctc, n_pieces = self.ctc_loss(x, lens, transcripts)
+            total = total + self.cfg.ctc_loss_weight * ctc
+            stats["ctc_loss"] = (ctc / max(n_pieces, 1)).detach()
+        return total / w.sum(), stats
+
+    def ctc_loss(self, x: torch.Tensor, lens: torch.Tensor, transcripts: list[str | None]) -> tuple[torch.Tensor, int]:
+        """Sum over clips of the CTC negative log-likelihood of each transcript (normalised as the
+        head writes it) given encoded x (B, T, D_enc); clips without one add nothing. Returns
+        (the sum, the number of target pieces). An impossible alignment (more pieces than frames)
+        counts 0 (zero_infinity), not inf."""
+        rows = [i for i, t in enumerate(transcripts) if t and t.strip()]
+        if not rows:  # zero, but through the head: DDP expects a gradient for every trainable tensor
+            return self.ctc.logits(x[:, :1]).sum() * 0, 0
+        targets = [self.ctc_tokenizer.encode(normalize(transcripts[i])) for i in rows]
+        logits = self.ctc.logits(x[rows])  # (b, T, V+1)
+        # float32 at least, as for the token loss; (T, b, V+1), the layout F.ctc_loss takes
+        log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).transpose(0, 1)
+        flat = torch.tensor([p for t in targets for p in t], dtype=torch.long, device=x.device)
+        nll = F.ctc_loss(log_probs, flat, lens[rows], torch.tensor([len(t) for t in targets], device=x.device),
+                         blank=self.ctc.blank_id, reduction="sum", zero_infinity=True)
+        return nll, sum(len(t) for t in targets)
 
     # -- inference -------------------------------------------------------------------------------
 

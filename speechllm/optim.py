@@ -69,6 +69,8 @@ def setup_trainable(model: nn.Module, mc) -> list[str]:
         train_tag_rows(model.llm, model.tag_ids)
     unmatched = apply_freeze(model, freeze_patterns(mc.freeze, mc.freeze_params, lora=mc.lora is not None),
                              mc.prevent_freeze_params)
+    if model.ctc is not None and model.cfg.ctc_loss_weight == 0:  # no loss reaches the draft head: keep it as it is
+        model.ctc.requires_grad_(False)
     if model.cfg.encoder_kind == "whisper":  # a fixed sinusoid table, never trained (transformers freezes it too)
         model.encoder.embed_positions.requires_grad_(False)
     if tag_rows and model.llm.model.embed_tokens.weight.requires_grad:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import build
 from .weights import read_json, read_state, save_dir
 
 
@@ -123,7 +124,8 @@ class Qwen2Config:
             field = "layer_types" if "layer_types" in cfg else "use_sliding_window"
             raise ValueError(f"{field}: sliding-window attention is not supported "
                              f"(layer types {sorted(set(layer_types))})")
-        return cls(
+        # build: a wrong-typed value ("hidden_size": "896") is refused here, with its key
+        return build(cls, dict(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -141,7 +143,7 @@ class Qwen2Config:
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
             # transformers ignores the key in a Qwen2 config; its Qwen2 biases are hard-wired.
             attention_bias=cfg.get("attention_bias", False) if model_type == "qwen3" else None,
-        )
+        ))
 
     def to_hf(self) -> dict:
         """config.json in the transformers 4.x dialect that the Qwen2.5 / Qwen3 repositories use."""

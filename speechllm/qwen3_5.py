@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import build
 from .convert import place
 from .qwen2 import (KVCache, Qwen2ForCausalLM, Qwen2MLP, _read_config, apply_rope, attention_mask_4d,
                     embed_inputs, rope_cos_sin, take_weights)
@@ -151,7 +152,7 @@ class Qwen3_5Config:
         kw["rope_theta"] = float(kw.get("rope_theta", cls.rope_theta))  # 4.x writes an int
         kw["torch_dtype"] = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         try:
-            return cls(**kw)
+            return build(cls, kw)  # a wrong-typed value is refused with its key
         except ValueError as e:
             raise ValueError(f"unsupported Qwen3.5 config: {e}") from None
 

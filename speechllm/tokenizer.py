@@ -9,8 +9,10 @@ embedding rows leave 271 spare), 403.. for the test fixture; a token already pre
 Chat format is ChatML, "<|im_start|>{role}\n{content}<|im_end|>\n" per message, with no default
 system turn (Qwen's template inserts one; we do not).
 """
+import io
 from pathlib import Path
 
+import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -131,3 +133,14 @@ def train_tokenizer(texts, vocab_size: int = 512) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return Tokenizer(tok)
+
+
+def train_sentencepiece(texts, vocab_size: int) -> bytes:
+    """A SentencePiece unigram model over `texts`, as bytes (a CTC head's pieces, for models trained
+    from scratch): no BOS/EOS, unk 0, as NeMo's ASR tokenizers; fewer pieces than vocab_size when
+    the texts hold fewer."""
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    return out.getvalue()

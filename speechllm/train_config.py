@@ -48,9 +48,11 @@ class ModelConfig:
     pretrained_asr: str | None = None
     pretrained_llm: str | None = None
     projector: dict = field(default_factory=dict)  # ProjectorConfig fields over assemble()'s defaults (fresh model)
-    prompt: dict = field(default_factory=dict)  # PromptConfig fields (fresh model; init_from keeps its own)
+    prompt: dict = field(default_factory=dict)  # PromptConfig fields: a fresh model's, or over init_from's own
     speaker_kernels: dict | None = None  # SpeakerKernelConfig fields: add kernels if the model has none
     tag_loss_weight: float | None = 5.0  # seed 000; null keeps the loaded model's value
+    # an auxiliary CTC loss on the encoder through the model's CTC head (model.forward); null keeps the model's value
+    ctc_loss_weight: float | None = None
     # Freezing (seed 000's strategy names), then NeMo's regex lists over full parameter names
     # (re.match: anchored at the start; frozen iff some freeze pattern matches and no prevent pattern does).
     freeze: str = "all_trainable"  # all_trainable | encoder_frozen | projector_only | llm_and_projector

@@ -75,14 +75,13 @@ COMPLETE, INCOMPLETE, BACKCHANNEL = "<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>
 class TurnConfig:
     frame_ms: int = 10  # VAD frame; events fall on frame edges
     start_ms: int = 60  # voiced this long: speech (shorter bursts, clicks, are not)
-    # unvoiced this long: a pause, and the turn is judged ahead of the decision. 250 ms: the demo model
-    # heard about that much silence after finished sentences in training and reads shorter tails as
-    # <INCOMPLETE> (espeak pauses longer after a sentence than after a fragment)
+    # unvoiced this long: a pause, and the turn is judged ahead of the decision. 250 ms: the demo
+    # model's training clips end 0.2-0.8 s after the last word (synth.py), so a shorter tail is
+    # audio it never heard
     early_ms: int = 250
     stop_ms: int = 500  # unvoiced this long: the decision comes out
     timeout_ms: int = 3000  # after <INCOMPLETE>, unvoiced this long ends the turn (Pipecat: stop_secs 3)
-    # audio before the first voiced frame that the model hears too: enough for a soft first frame; the
-    # demo model heard clips that start with the speech and reads leading silence as <INCOMPLETE>
+    # audio before the first voiced frame that the model hears too: enough for a soft first frame
     pre_speech_ms: int = 20
     max_seconds: float = 8.0  # the model hears at most the turn's last max_seconds (Smart Turn: 8 s)
     threshold_db: float = -45.0  # voiced: in-band level above this, dB re full scale (a full-scale sine: -3)

@@ -22,6 +22,13 @@ from speechllm.qwen2 import Qwen2ForCausalLM
 from speechllm.sortformer import SortFormer
 
 ROOT = Path(__file__).resolve().parents[1]
+# espeak-ng clips (no lead-in, clean tails) that the streaming tests join into calls; the bundled
+# demo's own examples/ are multi-engine clips with noise around the speech
+STREAM_CLIPS = ROOT / "tests" / "data" / "stream"
+# ... and the model whose decisions on them the streaming tests were written around: the earlier
+# demo (tag_only, trained on espeak-ng clips like these). The turn logic is checked against its own
+# predict; a model that judged these clips otherwise would merge or split other turns.
+STREAM_MODEL = ROOT / "tests" / "data" / "stream_model"
 
 
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT, load_script, run_main
 from speechllm import demo, synth
 from speechllm.audio import load_audio, pad_batch
@@ -15,14 +17,19 @@ EXAMPLES = ROOT / "examples"
 
 
 def test_bundled_model_is_small_and_tags_the_examples():
+    """examples/: the first test clip of each class and engine (piper: the held-out engine), chosen
+    by that rule before the model was scored. The model's held-out accuracy is about 0.75 (README),
+    so this guards what it measured on them: 9 of 12 right, every backchannel among them."""
     size = sum(f.stat().st_size for f in DEMO.iterdir())
-    assert size < 25e6
+    assert size < 20e6
     model = SpeechLLM.from_pretrained(DEMO)
     utts = read_manifest(EXAMPLES / "examples.jsonl", require_label=True)
     assert {u.label for u in utts} == {"<COMPLETE>", "<INCOMPLETE>", "<BACKCHANNEL>"}
-    for u in utts:
-        out = model.predict(*pad_batch([load_audio(u.audio)]))[0]
-        assert out["tag"] == u.label, (u.audio, out["probs"])
+    assert {u.extra["engine"] for u in utts} == {"espeak", "flite", "festival", "piper"}
+    outs = [model.predict(*pad_batch([load_audio(u.audio)]))[0] for u in utts]
+    right = [o["tag"] == u.label for u, o in zip(utts, outs)]
+    assert sum(right) >= 9, [(u.audio.name, o["tag"]) for u, o in zip(utts, outs)]
+    assert all(r for u, r in zip(utts, right) if u.label == "<BACKCHANNEL>")
 
 
 def test_infer_without_checkpoint_uses_the_demo_model(capsys):
@@ -32,7 +39,7 @@ def test_infer_without_checkpoint_uses_the_demo_model(capsys):
     assert "demo model" in r.stderr and "synthetic" in r.stderr
     labels = {str(u.audio): u.label for u in read_manifest(EXAMPLES / "examples.jsonl")}
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(rows) == len(wavs) and all(row["tag"] == labels[row["audio"]] for row in rows)
+    assert len(rows) == len(wavs) and sum(row["tag"] == labels[row["audio"]] for row in rows) >= 9
 
 
 def test_demo_recipe_runs_a_few_steps(tmp_path, capsys):
@@ -50,6 +57,8 @@ def test_demo_recipe_runs_a_few_steps(tmp_path, capsys):
             f"data.validation_ds.manifest_filepath={tmp_path / 'synth' / 'dev.jsonl'}", "data.train_ds.num_workers=0",
             "data.validation_ds.num_workers=0")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "macro_f1" in r.stdout
+    assert "macro_f1" in r.stdout and "wer" in r.stdout and "ctc loss" in r.stdout
     model = SpeechLLM.from_pretrained(tmp_path / "run" / "step_3")
-    assert model.cfg.prompt.answer_format == "tag_only"
+    assert model.cfg.prompt.answer_format == "transcript_tag" and model.can_draft and model.cfg.ctc_loss_weight == 0.5
+    init = SpeechLLM.from_pretrained(tmp_path / "init")
+    assert not torch.equal(model.ctc.weight, init.ctc.weight)  # the auxiliary loss trained the head

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, load_script, run_main
+from conftest import ROOT, STREAM_CLIPS, load_script, run_main
 from speechllm.activity import main as activity
 from speechllm.activity import read_rttm, target_masks, write_manifest_rttms
 from speechllm.data import ClipDataset, collate, load_split, read_manifest
@@ -26,7 +26,7 @@ from speechllm.sortformer import SortFormer
 from speechllm.train_config import DatasetConfig
 
 DEMO = ROOT / "checkpoints" / "demo"
-EXAMPLES = ROOT / "examples"
+EXAMPLES = STREAM_CLIPS
 WAV = EXAMPLES / "complete_1.wav"  # 4.817 s
 
 infer = load_script("infer")
@@ -102,7 +102,7 @@ def test_a_device_this_machine_lacks(run_infer, run_train, tmp_path):
     missing = "cuda:99" if torch.cuda.is_available() else "cuda"
     one_error(run_infer(WAV, "--device", missing), f"--device {missing}", "cuda")
     one_error(run_infer(WAV, "--device", "tpu"), "--device tpu", "not a device name")
-    config = train_config(tmp_path, EXAMPLES / "examples.jsonl")
+    config = train_config(tmp_path, EXAMPLES / "clips.jsonl")
     one_error(run_train("--config", config, f"trainer.device={missing}"), f"trainer.device {missing}", code=2)
     assert not (tmp_path / "run").exists()
 
@@ -136,8 +136,11 @@ def edit_config(change):
     (edit_config(lambda c: c.pop("encoder")), ["config.json", "missing 'encoder'"]),
     (edit_config(lambda c: c["encoder"].update(n_layers="four")), ["config.json", "encoder.n_layers", "integer"]),
     (edit_config(lambda c: c["llm"].pop("hidden_size")), ["config.json", "hidden_size"]),
+    (edit_config(lambda c: c["llm"].update(hidden_size="128")), ["config.json", "llm: hidden_size", "integer"]),
+    (edit_config(lambda c: c["llm"].update(num_hidden_layers=2.0)), ["config.json", "num_hidden_layers", "integer"]),
+    (edit_config(lambda c: c["llm"].update(rms_norm_eps="tiny")), ["config.json", "rms_norm_eps", "number"]),
 ], ids=["truncated-safetensors", "garbled-header", "garbage-tokenizer", "config-without-encoder",
-        "config-wrong-type", "config-without-llm-key"])
+        "config-wrong-type", "config-without-llm-key", "llm-int-as-string", "llm-int-as-float", "llm-float-as-word"])
 def test_a_broken_checkpoint_directory(run_infer, tmp_path, damage, words):
     d = demo_copy(tmp_path)
     damage(d)
@@ -175,7 +178,7 @@ def test_a_training_state_that_is_not_weights_only(run_train, tmp_path):
     step = demo_copy(tmp_path, "run/step_1")
     marker = tmp_path / "ran"
     torch.save({"optimizer": {}, "payload": Touch(marker)}, step / "trainer_state.pt")
-    config = train_config(tmp_path, EXAMPLES / "examples.jsonl")
+    config = train_config(tmp_path, EXAMPLES / "clips.jsonl")
     one_error(run_train("--config", config, "--resume", step), "trainer_state.pt", "weights-only")
     assert not marker.exists()
     (step / "trainer_state.pt").write_bytes(b"PK\x03\x04 not a torch file")
@@ -183,7 +186,7 @@ def test_a_training_state_that_is_not_weights_only(run_train, tmp_path):
 
 
 def test_a_config_or_override_that_is_not_yaml(run_train, tmp_path):
-    config = train_config(tmp_path, EXAMPLES / "examples.jsonl")
+    config = train_config(tmp_path, EXAMPLES / "clips.jsonl")
     one_error(run_train("--config", config, "trainer.max_steps=[1"), "trainer.max_steps=[1", "not plain YAML", code=2)
     marker = tmp_path / "ran"
     tag = f"trainer.max_steps=!!python/object/apply:pathlib.Path.touch [{marker}]"

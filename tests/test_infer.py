@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import load_script, run_main
+from conftest import STREAM_MODEL, load_script, run_main
 from speechllm.audio import pad_batch
 from speechllm.metrics import classification_report
 from speechllm.model import SpeechLLM, assemble
@@ -187,7 +187,7 @@ def test_decoding_choice_and_its_json_fields(setup, run):
         # any transcript before the tag costs at least one (the tag itself may come first)
         assert g["draft_tokens"] == g["accepted_tokens"] == 0 and g["llm_passes"] >= (1 if g["transcript"] else 0)
         assert s["draft_tokens"] == len(draft_ids(model, s["ctc_transcript"])) and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
-    r = run(paths[0], "--decoding", "speculative")  # the demo model has no CTC head
+    r = run(paths[0], "--checkpoint", str(STREAM_MODEL), "--decoding", "speculative")  # a model without a CTC head
     assert r.returncode == 1 and "CTC head" in r.stderr
 
 

@@ -1,4 +1,6 @@
 """The Speech-LLM assembled from the NeMo and transformers fixtures. Run: python -m pytest -q tests/test_model.py"""
+import dataclasses
+
 import pytest
 import soundfile as sf
 import torch
@@ -8,9 +10,11 @@ from safetensors.torch import load_file
 from speechllm.asr import ASRModel
 from speechllm.audio import pad_batch
 from speechllm.model import IGNORE, PromptConfig, SpeechLLM, SpeechLLMConfig, assemble
+from speechllm.optim import setup_trainable
 from speechllm.qwen2 import Qwen2ForCausalLM
 from speechllm.speaker import SpeakerKernelConfig
 from speechllm.tokenizer import TAGS
+from speechllm.train_config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,54 @@ def test_loss_matches_a_hand_computation(model, batch):
     assert abs(stats["token_loss"].item() - sum(plain) / len(plain)) < 1e-4
     assert len(tag_ce) == 2 and abs(stats["tag_loss"].item() - sum(tag_ce) / 2) < 1e-4
     assert stats["weight"].item() == weight  # 1 per answer token, 5 per tag
+
+
+def ctc_nll_reference(log_probs: torch.Tensor, target: list[int], blank: int) -> float:
+    """-log p(target | frames), the CTC forward recursion over the blank-extended target, in float64:
+    a state moves on by one, or by two when skipping a blank between two different labels."""
+    ext = [blank] + [x for t in target for x in (t, blank)]
+    lp = log_probs.double()
+    alpha = torch.full((len(ext),), -float("inf"), dtype=torch.float64)
+    alpha[0], alpha[1] = lp[0, blank], lp[0, ext[1]]
+    for t in range(1, lp.shape[0]):
+        prev = alpha.clone()
+        for s in range(len(ext)):
+            a = prev[s]
+            if s >= 1:
+                a = torch.logaddexp(a, prev[s - 1])
+            if s >= 2 and ext[s] != blank and ext[s] != ext[s - 2]:
+                a = torch.logaddexp(a, prev[s - 2])
+            alpha[s] = a + lp[t, ext[s]]
+    return -torch.logaddexp(alpha[-1], alpha[-2]).item()
+
+
+def test_auxiliary_ctc_loss_matches_the_forward_recursion(fixtures, batch):
+    """loss = (sum(w * ce) + ctc_loss_weight * sum of each clip's CTC NLL) / sum(w); a clip without a
+    transcript adds no CTC term; the head and the encoder get its gradient, and the head is frozen
+    when the weight is 0 (no loss would reach it)."""
+    m = assemble(fixtures / "asr_ctc.nemo", fixtures / "llm_hf", seed=0).double()
+    audio, lens = batch
+    transcripts, tags = ["Hello, world: this is a small test.", None], ["<COMPLETE>", "<BACKCHANNEL>"]
+    m.eval()
+    plain, _ = m(audio.double(), lens, transcripts, tags)
+    m.cfg = dataclasses.replace(m.cfg, ctc_loss_weight=0.5)
+    loss, stats = m(audio.double(), lens, transcripts, tags)
+    with torch.no_grad():
+        x, xl = m.encode(*m.features(audio.double(), lens))
+        lp = F.log_softmax(m.ctc.logits(x[0, :xl[0]]), -1)
+        target = m.ctc_tokenizer.encode("hello world this is a small test")
+        ref = ctc_nll_reference(lp, target, m.ctc.blank_id)
+    w = stats["weight"].item()
+    assert abs((loss.item() - plain.item()) * w - 0.5 * ref) < 1e-8 * max(1.0, ref)
+    assert abs(stats["ctc_loss"].item() - ref / len(target)) < 1e-8
+    loss.backward()
+    assert m.ctc.weight.grad.abs().sum() > 0 and m.encoder.layers[-1].feed_forward2.linear2.weight.grad.abs().sum() > 0
+    for weight, trainable in ((0.0, False), (0.5, True)):
+        m.cfg = dataclasses.replace(m.cfg, ctc_loss_weight=weight)
+        setup_trainable(m, ModelConfig(init_from="x"))
+        assert m.ctc.weight.requires_grad is trainable
+    with pytest.raises(ValueError, match="needs a CTC head"):
+        dataclasses.replace(m.cfg, ctc=None, ctc_loss_weight=0.5)
 
 
 def test_config_refuses_unknown_keys_and_other_tag_sets(model):

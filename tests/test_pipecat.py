@@ -27,6 +27,7 @@ from pipecat.turns.user_turn_controller import UserTurnController  # noqa: E402
 from pipecat.turns.user_turn_strategies import UserTurnStrategies  # noqa: E402
 from pipecat.utils.asyncio.task_manager import TaskManager  # noqa: E402
 
+from conftest import STREAM_CLIPS, STREAM_MODEL  # noqa: E402
 from speechllm.integrations.pipecat import SpeechLLMTurnAnalyzer, SpeechLLMTurnParams  # noqa: E402
 from speechllm.model import SpeechLLM  # noqa: E402
 from speechllm.turn import BACKCHANNEL, COMPLETE, INCOMPLETE, TurnConfig, TurnDetector  # noqa: E402
@@ -50,12 +51,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    return SpeechLLM.from_pretrained(ROOT / "checkpoints" / "demo")
+    return SpeechLLM.from_pretrained(STREAM_MODEL)
 
 
 @pytest.fixture(scope="module")
 def pcm():
-    clips = {p.stem: sf.read(p, dtype="float32")[0] for p in sorted((ROOT / "examples").glob("*.wav"))}
+    clips = {p.stem: sf.read(p, dtype="float32")[0] for p in sorted(STREAM_CLIPS.glob("*.wav"))}
     x = np.concatenate([np.zeros(round(p * SR), np.float32) if isinstance(p, float) else clips[p] for p in PARTS])
     return np.round(x * 32767).astype(np.int16)
 

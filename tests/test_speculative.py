@@ -6,12 +6,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import stop_ids
+from conftest import STREAM_MODEL, stop_ids
 from speechllm.audio import pad_batch
 from speechllm.generate import generate
 from speechllm.model import SpeechLLM, assemble
+from speechllm.optim import FREEZE_PRESETS, setup_trainable
 from speechllm.speculative import PrefixCache, decode, draft_ids
 from speechllm.tokenizer import TAGS, Tokenizer
+from speechllm.train_config import ModelConfig
 
 TOL = 1e-5  # fp32 probabilities, speculative / cached against plain greedy
 
@@ -113,18 +115,21 @@ def test_ctc_head_is_kept_saved_and_transcribes_as_nemo(model, batch, fixtures, 
     assert model.cfg.ctc.vocab_size == 96 and model.ctc.blank_id == 96
     assert [o["ctc_transcript"] for o in model.predict(audio, lens, 2)] == ref  # NeMo's greedy CTC text
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["ctc"] == {"vocab_size": 96}
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["ctc"] == {"vocab_size": 96} and written["ctc_loss_weight"] == 0.0
     again = SpeechLLM.from_pretrained(tmp_path)
     assert torch.equal(again.ctc.weight, model.ctc.weight) and torch.equal(again.ctc.bias, model.ctc.bias)
     assert [o["ctc_transcript"] for o in again.predict(audio, lens, 2)] == ref
-    assert not any(n.startswith("ctc.") for n, _ in model.named_parameters())  # frozen for any preset
+    for preset in FREEZE_PRESETS:  # without an auxiliary CTC loss, the head is frozen whatever the preset
+        setup_trainable(again, ModelConfig(init_from="x", freeze=preset))
+        assert not again.ctc.weight.requires_grad and not again.ctc.bias.requires_grad
     (tmp_path / "encoder_tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="encoder_tokenizer.model"):
         SpeechLLM.from_pretrained(tmp_path)
 
 
 def test_checkpoints_without_a_ctc_head_decode_greedily(batch):
-    demo = SpeechLLM.from_pretrained("checkpoints/demo")
+    demo = SpeechLLM.from_pretrained(STREAM_MODEL)  # the earlier demo, written before CTC heads travelled along
     assert demo.cfg.ctc is None and "ctc" not in demo.cfg.to_dict()
     audio, lens = batch
     out = demo.predict(audio, lens)

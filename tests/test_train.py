@@ -22,6 +22,7 @@ from conftest import ROOT, load_script
 from speechllm import checkpoint
 from speechllm.audio import pad_batch
 from speechllm.model import SpeechLLM
+from speechllm.train_config import ModelConfig
 
 train = load_script("train")
 
@@ -384,6 +385,18 @@ def test_config_errors_and_help(tmp_path, fixtures, capsys):
     with pytest.raises(SystemExit) as e:
         run("--help")
     assert e.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_prompt_fields_apply_over_an_init_from_checkpoint():
+    """A next stage may change how the model answers (the demo's tag_only stage), not its placeholder."""
+    demo = ROOT / "checkpoints" / "demo"
+    own = SpeechLLM.from_pretrained(demo).cfg.prompt
+    other = "tag_only" if own.answer_format == "transcript_tag" else "transcript_tag"
+    model = train.build_model(ModelConfig(init_from=str(demo), prompt={"answer_format": other}), None, 0)
+    assert model.cfg.prompt.answer_format == other and model.cfg.prompt.user == own.user
+    assert train.build_model(ModelConfig(init_from=str(demo)), None, 0).cfg.prompt == own
+    with pytest.raises(ValueError, match="audio_token"):
+        train.build_model(ModelConfig(init_from=str(demo), prompt={"audio_token": "<speech>", "user": "<speech>"}), None, 0)
 
 
 def test_default_target_speaker_is_the_one_talking_when_talk_stops(fixtures):

@@ -1,6 +1,6 @@
-"""The streaming turn detector on the bundled demo model. Run: python -m pytest -q tests/test_turn.py
+"""The streaming turn detector on the earlier demo model (tests/data/stream_model). Run: python -m pytest -q tests/test_turn.py
 
-Streams are the example clips joined by silences; the reference for every decision is
+Streams are espeak-ng clips (tests/data/stream) joined by silences; the reference for every decision is
 model.predict on the audio the detector says it judged, cut from the stream by hand."""
 import itertools
 import json
@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 
 import infer
+from conftest import STREAM_CLIPS, STREAM_MODEL
 from speechllm.audio import pad_batch, resample
 from speechllm.model import SpeechLLM
 from speechllm.turn import BACKCHANNEL, COMPLETE, INCOMPLETE, TurnConfig, TurnDetector, frame_levels, play
@@ -25,12 +26,12 @@ WALL = ("compute_s", "latency_s")  # wall-clock fields; everything else is on th
 
 @pytest.fixture(scope="module")
 def model():
-    return SpeechLLM.from_pretrained(ROOT / "checkpoints" / "demo")
+    return SpeechLLM.from_pretrained(STREAM_MODEL)
 
 
 @pytest.fixture(scope="module")
 def clips():
-    return {p.stem: sf.read(p, dtype="float32")[0] for p in sorted((ROOT / "examples").glob("*.wav"))}
+    return {p.stem: sf.read(p, dtype="float32")[0] for p in sorted(STREAM_CLIPS.glob("*.wav"))}
 
 
 class Counting:
@@ -420,7 +421,8 @@ def test_infer_stream(model, clips, tmp_path, capsys):
     x, _ = join(clips, 0.3, "complete_2", 1.0, "incomplete_1", 0.3, "complete_1", 0.2)
     path = tmp_path / "call.wav"
     sf.write(path, x, SR, subtype="FLOAT")
-    assert infer.main(["--stream", str(path), "--json", "--dtype", "bfloat16", "--turn", "stop_ms=600"]) == 0
+    ckpt = ["--checkpoint", str(STREAM_MODEL)]
+    assert infer.main(["--stream", str(path), *ckpt, "--json", "--dtype", "bfloat16", "--turn", "stop_ms=600"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # The library on the same audio, with the silence play() adds after the recording.
     want = stable(play(TurnDetector(model, TurnConfig(stop_ms=600)), x))
@@ -428,7 +430,7 @@ def test_infer_stream(model, clips, tmp_path, capsys):
     keys = {"event", "end_of_speech_s", "decided_at_s", "tag", "probs", "transcript"}
     assert all(keys <= set(r) for r in decisions(rows))
     assert decisions(rows)[-1]["decided_at_s"] > len(x) / SR  # the last turn is decided in the added silence
-    assert infer.main(["--stream", str(path), "--dtype", "bfloat16"]) == 0
+    assert infer.main(["--stream", str(path), *ckpt, "--dtype", "bfloat16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(rows) and "decision" in lines[2] and lines[0].split()[1:] == ["s", "speech_start"]
     assert infer.main(["--stream", str(path), str(path)]) == 2
