@@ -5,13 +5,14 @@
     torchrun --nproc_per_node=2 train.py --config conf/demo.yaml      # train it
 
 Same architecture as the full system, scaled down: a FastConformer (8x subsampling, 80 ms frames)
-with a CTC head, the conv_transformer projector (stride 2, one layer), and a 2-layer Qwen2. It
-answers as the full system does, `transcript <TAG>`: it writes what it heard (lowercase, no
-punctuation: the manifests' `text_norm`, data.transcript ctc), then judges the turn from it. The
-CTC head learns the same transcripts (an auxiliary loss, conf/demo.yaml model.ctc_loss_weight),
-which teaches the encoder words faster than the LLM's loss alone and gives speculative decoding
-its draft. Both tokenizers are trained here on the training manifest's normalised transcripts: a
-byte-level BPE for the LLM, a SentencePiece unigram model for the CTC head.
+with a CTC head, the conv_transformer projector (stride 2, one layer), and a 2-layer Qwen2. The
+model built here answers as the full system does, `transcript <TAG>` (lowercase, unpunctuated:
+the manifests' `text_norm`, data.transcript ctc), with an auxiliary CTC loss on the same
+transcripts (conf/demo.yaml, model.ctc_loss_weight). The bundled checkpoint then takes a second
+stage, conf/demo_tag.yaml, that answers `<TAG>` alone: its own transcripts were guesses, and so
+were the tags that followed them (README, "The demo model"). Both tokenizers are trained here on
+the training manifest's normalised transcripts: a byte-level BPE for the LLM, a SentencePiece
+unigram model for the CTC head. `--evaluate` scores a trained model per engine.
 """
 import argparse
 import json
@@ -23,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from .audio import PreprocessorConfig, load_audio, pad_batch
+from .data import ctc_text, read_manifest
 from .fastconformer import FastConformerConfig
 from .metrics import classification_report, wer
-from .data import ctc_text, read_manifest
 from .model import CTCConfig, PromptConfig, SpeechLLM, SpeechLLMConfig
 from .projector import ProjectorConfig
 from .qwen2 import Qwen2Config
