@@ -262,29 +262,32 @@ class Logger:
 
 
 def main(argv=None) -> int:
-    """Every rank checks the inputs (config, device, manifests, the state to resume) before the
-    process group starts, so a mistake stops all of them at once, with one error line (rank 0's);
-    later, all ranks leave with the worst rank's status (dist.exit_together)."""
+    """Every rank checks the inputs (config, device, manifests, the state to resume) before any
+    model exists; then the process group starts and the ranks agree: one error line (the first
+    failing rank's) and every rank leaves with the worst status. Agreeing before leaving matters:
+    torchrun kills the other ranks as soon as one exits, which could cut rank 0 off mid-message."""
     args = parse_args(argv)
+    cfg = inputs = error = None
+    device, code = torch.device("cpu"), 0  # a config that does not load still joins a CPU (gloo) group
     try:
         cfg = load_config(args.config, args.overrides)
         device = dist.check_device(cfg.trainer.device, "trainer.device")
     except (OSError, ValueError) as e:
-        print0(f"error: {e}", file=sys.stderr)
-        return 2
+        code, error = 2, e
+    if code == 0:
+        try:
+            inputs = prepare(cfg, args)
+        except (OSError, ValueError) as e:  # data.ManifestError too
+            code, error = 1, e
+    d = dist.init(device)
     try:
-        inputs = prepare(cfg, args)
-    except (OSError, ValueError) as e:  # data.ManifestError too
-        print0(f"error: {e}", file=sys.stderr)
-        return 1
-    d = None
-    try:
-        d = dist.init(device)
-        code = train(cfg, args, d, *inputs)
-    except (OSError, ValueError) as e:  # ConversionError too
-        print0(f"error: {e}", file=sys.stderr)
-        code = 1
-    try:
+        code = dist.report_first_error(code, f"error: {error}" if code else None, d)
+        if code == 0:
+            try:
+                code = train(cfg, args, d, *inputs)
+            except (OSError, ValueError) as e:  # ConversionError too
+                print0(f"error: {e}", file=sys.stderr)
+                code = 1
         return dist.exit_together(code, d)
     finally:
         dist.cleanup()

@@ -2,6 +2,7 @@
 nccl on CUDA, gloo on CPU. Without those variables (a plain `python train.py`) there is one process
 and no process group; every helper here then does the single-process thing."""
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,21 @@ def exit_together(code: int, d: Dist | None) -> int:
     box = torch.tensor([code], device=d.device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
+
+
+def report_first_error(code: int, message: str | None, d: Dist) -> int:
+    """After each rank checked its own inputs (code, and its error line when code != 0): the
+    lowest failing rank prints its line to stderr, exactly once however many ranks failed, and
+    every rank gets the worst status. Call it at the same point on each rank."""
+    if not dist.is_initialized():
+        if code:
+            print(message, file=sys.stderr, flush=True)
+        return code
+    first = torch.tensor([d.rank if code else d.world_size], device=d.device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if code and d.rank == int(first.item()):
+        print(message, file=sys.stderr, flush=True)
+    return exit_together(code, d)  # the line is out before any rank can leave
 
 
 def print0(*args, **kwargs) -> None:

@@ -418,9 +418,16 @@ def test_infer_manifest_uses_the_rttm_and_each_clips_target(speaker_model, rttm_
 
 
 def test_torchrun_reports_a_bad_manifest_once(tmp_path):
+    """Rank 0 starts 2 s late, so rank 1 finds the bad line first: it must wait for rank 0's
+    message (torchrun kills the remaining ranks as soon as one exits)."""
     path = manifest(tmp_path / "m.jsonl", [f'{{"audio_filepath": "{WAV}", "label": "COMPLETE", "duration": NaN}}'])
+    late = tmp_path / "late_rank0.py"
+    late.write_text("import os, runpy, sys, time\n"
+                    "if os.environ['RANK'] == '0':\n    time.sleep(2)\n"
+                    f"sys.argv[0] = {str(ROOT / 'train.py')!r}\n"
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), "--config", train_config(tmp_path, path)]
+           str(late), "--config", train_config(tmp_path, path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
