@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -55,7 +56,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, metavar="auto|DIR",
                    help="auto: continue from the newest complete step_N in trainer.out_dir (start fresh if none); "
                         "DIR: from that checkpoint. Without it, an out_dir holding checkpoints is refused.")
-    return p.parse_args(argv)
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="start N processes on this machine, as `torchrun --standalone --nproc_per_node N "
+                        "train.py ...` does, but a failed run ends with the workers' own error and status "
+                        "instead of torchrun's ChildFailedError summary")
+    args = p.parse_args(argv)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        p.error(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -267,6 +275,8 @@ def main(argv=None) -> int:
     failing rank's) and every rank leaves with the worst status. Agreeing before leaving matters:
     torchrun kills the other ranks as soon as one exits, which could cut rank 0 off mid-message."""
     args = parse_args(argv)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # the launcher, not a worker
+        return dist.launch(args.nproc_per_node, __file__, sys.argv[1:] if argv is None else list(argv))
     cfg = inputs = error = None
     device, code = torch.device("cpu"), 0  # a config that does not load still joins a CPU (gloo) group
     try:

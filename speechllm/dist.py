@@ -62,6 +62,24 @@ def init(device: str | torch.device = "auto") -> Dist:
     return Dist(rank, local_rank, world_size, dev)
 
 
+def launch(nproc: int, script: str, argv: list[str]) -> int:
+    """`torchrun --standalone --nproc_per_node nproc script argv` in this process, returning the
+    workers' status: 0, the first failed rank's exit code, or 128 + N for a rank killed by signal N.
+    torchrun itself ends a failed run with a ChildFailedError traceback and a page of per-rank
+    summary; the workers have already said what went wrong (an `error:` line, or their own
+    traceback), so here that summary and the launcher's log lines are left out."""
+    import logging
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", script, *argv]))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code
+    return 0
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

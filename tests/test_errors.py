@@ -435,3 +435,25 @@ def test_torchrun_reports_a_bad_manifest_once(tmp_path):
     assert errors == [f"error: {path}:1: duration must be a finite number of seconds, got nan"]
     # torchrun itself then summarises the failed ranks (ChildFailedError): both exited with 1.
     assert "exitcode  : 1" in r.stderr and "[1]:" in r.stderr
+
+
+def test_train_py_own_launcher_ends_with_the_error_alone(tmp_path):
+    """`train.py --nproc-per-node 2`: the same two ranks, the same one error line and status,
+    without torchrun's ChildFailedError traceback and summary."""
+    path = manifest(tmp_path / "m.jsonl", [f'{{"audio_filepath": "{WAV}", "label": "COMPLETE", "duration": NaN}}'])
+    cmd = [sys.executable, str(ROOT / "train.py"), "--nproc-per-node", "2", "--config", train_config(tmp_path, path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1
+    assert [line for line in r.stderr.splitlines() if line.strip()] == \
+        [f"error: {path}:1: duration must be a finite number of seconds, got nan"]
+    assert "ChildFailedError" not in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_train_py_own_launcher_trains_and_refuses_zero(tmp_path):
+    path = manifest(tmp_path / "m.jsonl", [f'{{"audio_filepath": "{WAV}", "label": "COMPLETE"}}'] * 4)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--nproc-per-node", "2", "--config", train_config(tmp_path, path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "# 2 process(es)" in r.stdout and (tmp_path / "run" / "step_1" / "model.safetensors").exists()
+    r = subprocess.run(cmd[:2] + ["--nproc-per-node", "0"] + cmd[4:], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--nproc-per-node must be at least 1" in r.stderr
