@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=at_least(1), default=64, help="transcript length limit in tokens (default: %(default)s)")
     p.add_argument("--decoding", choices=["greedy", "speculative"], default=None,
                    help="greedy: one LLM pass per token; speculative: the LLM verifies the CTC head's transcript in "
-                        "one pass, with the same answer (default: speculative where the model has a CTC head)")
+                        "the prompt's own pass, with the same answer (default: speculative where the model has a CTC head)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer clips (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="diarizer: speaker activity threshold (default: %(default)s)")
     p.add_argument("--min-duration", type=float, default=0.0, help="diarizer: drop shorter segments, seconds (default: %(default)s)")

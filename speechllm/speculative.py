@@ -5,13 +5,18 @@ The answer is "transcript <TAG><|im_end|>", and the transcript is nearly what th
 head already wrote in the same forward pass. So instead of one LLM step per token:
 
     prompt prefix (text before <audio>)   KV computed once per model and weights (PrefixCache)
-    prefill: [audio | prompt suffix]      one forward, on top of the prefix's keys and values
-    verify:  [pending, d1 .. dm]          one forward over the draft; position j predicts the
-                                          token after input j, so d(j+1) is accepted iff it is
-                                          the argmax there; the model's own token is taken at
+    prefill: [audio | prompt suffix | d1 .. dm]
+                                          one forward, on top of the prefix's keys and values;
+                                          the last prompt position predicts the first token and
+                                          d(j) the token after it, so d(j+1) is accepted iff it
+                                          is the argmax there; the model's own token is taken at
                                           the first mismatch (or after the last draft token)
-    then again, with the rest of the draft where the output still lines up with it, else one
-    plain step (a draft of nothing is exactly greedy decoding)
+    verify:  [pending, d(k+1) ..]         then again, one forward, with the rest of the draft
+                                          where the output still lines up with it, else one
+                                          plain step (a draft of nothing is exactly greedy)
+
+A right draft is thus verified in the prompt's own pass, and the token after it, the tag, read
+there too: the decision costs one LLM forward.
 
 Every token emitted is the argmax of the logits at its position given the tokens before it, as in
 plain greedy decoding: only the number of forward passes changes. (Exactly so in exact
@@ -57,7 +62,7 @@ class Decoded(NamedTuple):
     passes: list[int]  # per row: LLM forward passes after the prompt while the row was open
     offered: list[int]  # per row: draft tokens fed to verification passes
     accepted: list[int]  # per row: draft tokens the answer reproduced (0 without drafts)
-    timings: dict  # prefix_s (0 when the cached prefix was reused), prefill_s, decode_s
+    timings: dict  # prefix_s (0 when the cached prefix was reused), prefill_s (with the first draft), decode_s
 
 
 def can_rewind(llm) -> bool:
@@ -110,14 +115,13 @@ class Draft:
     offer costs its positions' compute for nothing. `accepted` counts the output tokens equal to
     the draft at their slot."""
 
-    def __init__(self, ids: list[int], first: int, window: int = 4):
+    def __init__(self, ids: list[int], window: int = 4):
         self.ids, self.window = list(ids), window
-        self.at, self.misses = 0, 0  # the prefill's token takes slot 0
-        self.accepted = int(bool(ids) and ids[0] == first)
+        self.at, self.misses, self.accepted = -1, 0, 0  # nothing emitted yet: the prefill offers from slot 0
 
-    def offer(self, prev: int | None, pending: int, room: int) -> list[int]:
+    def offer(self, prev: int | None, pending: int | None, room: int) -> list[int]:
         ids, at = self.ids, self.at
-        if at < len(ids) and ids[at] == pending:
+        if at < 0 or at < len(ids) and ids[at] == pending:
             pass
         elif self.misses and prev is not None:
             near = sorted(range(max(1, at - self.window), min(len(ids), at + self.window + 1)), key=lambda i: abs(i - at))
@@ -195,13 +199,6 @@ def decode(llm: Qwen2ForCausalLM, inputs_embeds, attention_mask, *, max_new_toke
     masked = not bool(mask[:, :P + L].all())  # no padding and no holes: no mask, SDPA's fast paths
     position = mask[:, :P + L].long().cumsum(-1) - 1  # real tokens count from 0 in every row
 
-    t0 = time.perf_counter()
-    h = llm(inputs_embeds=inputs_embeds, attention_mask=mask[:, :P + L] if masked else None,
-            position_ids=position[:, P:].clamp(min=0), cache=cache, return_hidden=True)
-    logits = llm.lm_head(h[:, -1]).float()  # (B, V): the head on the one position that is read
-    next_pos = position[:, -1] + 1  # (B,) where each row's pending token goes
-    t1 = time.perf_counter()
-
     tokens = [[] for _ in range(B)]
     kept = [[] for _ in range(B)]
     lse = [[] for _ in range(B)]
@@ -216,10 +213,46 @@ def decode(llm: Qwen2ForCausalLM, inputs_embeds, attention_mask, *, max_new_toke
         done[b] = token in stop or len(tokens[b]) == max_new_tokens
         return done[b]
 
-    first = logits.argmax(-1).tolist()
-    for b, t in enumerate(first):
-        emit(b, t, logits[b])
-    drafts = [Draft(d, t) for d, t in zip(drafts, first)] if drafts is not None else None
+    def verify(b, offer, row_logits, best):
+        """Row b's pass read the positions of `offer` (row_logits (1 + len(offer), V), best their
+        argmaxes): emit the accepted draft tokens, then the model's own. -> positions to keep."""
+        n = 0
+        while n < len(offer) and best[n] == offer[n]:
+            n += 1
+        offered[b] += len(offer)
+        if drafts:
+            drafts[b].took(n, len(offer), best[n])
+        for j, t in enumerate(offer[:n] + [best[n]]):  # the model's tokens: n accepted, then its own
+            if emit(b, t, row_logits[j]):
+                break
+        next_pos[b] += n
+        return n
+
+    # The prefill carries the first draft after the prompt (right padded to the longest), so a
+    # right draft is verified in the prompt's own pass: transcript and tag from one LLM forward.
+    drafts = [Draft(d) for d in drafts] if drafts is not None else None
+    offers = [d.offer(None, None, max_new_tokens - 1) for d in drafts] if drafts else [[]] * B
+    M = max(map(len, offers))
+    if M:
+        ids = torch.full((B, M), pad_id, dtype=torch.long)
+        for b, o in enumerate(offers):
+            ids[b, :len(o)] = torch.tensor(o, dtype=torch.long)
+            mask[b, P + L:P + L + len(o)] = True
+        embeds = llm.model.embed_tokens(ids.to(device)).to(inputs_embeds.dtype)
+        inputs_embeds = torch.cat([inputs_embeds, embeds], 1)  # (B, L + M, D)
+        position = torch.cat([position, position[:, -1:] + 1 + torch.arange(M, device=device)], 1)
+
+    t0 = time.perf_counter()
+    h = llm(inputs_embeds=inputs_embeds, attention_mask=mask[:, :P + L + M] if masked else None,
+            position_ids=position[:, P:].clamp(min=0), cache=cache, return_hidden=True)
+    logits = llm.lm_head(h[:, L - 1:]).float()  # (B, 1 + M, V): the head only where a token is read
+    next_pos = position[:, P + L - 1] + 1  # (B,) where each row's pending token goes
+    keep_n = [verify(b, offers[b], logits[b], logits[b].argmax(-1).tolist()) for b in range(B)]
+    cache.length = P + L + max(keep_n)  # rejected draft positions past the longest kept prefix go
+    for b, n in enumerate(keep_n):
+        mask[b, P + L + n:P + L + M] = False
+        masked |= n < max(keep_n)  # a hole: this row rejected positions another row kept
+    t1 = time.perf_counter()
 
     while not all(done):
         rows = [b for b in range(B) if not done[b]]
@@ -239,19 +272,9 @@ def decode(llm: Qwen2ForCausalLM, inputs_embeds, attention_mask, *, max_new_toke
         best = logits.argmax(-1).tolist()
         kept_len = []
         for r, b in enumerate(rows):
-            offer = offers[b]
-            n = 0
-            while n < len(offer) and best[r][n] == offer[n]:
-                n += 1
             passes[b] += 1
-            offered[b] += len(offer)
-            if drafts:
-                drafts[b].took(n, len(offer), best[r][n])
-            for j, t in enumerate(offer[:n] + [best[r][n]]):  # the model's tokens: n accepted, then its own
-                if emit(b, t, logits[r, j]):
-                    break
-            kept_len.append(1 + n)  # the pending token and the accepted ones stay in the cache
-            next_pos[b] += 1 + n
+            next_pos[b] += 1  # the pending token stays in the cache, with the accepted ones
+            kept_len.append(1 + verify(b, offers[b], logits[r], best[r]))
         keep_n = max(kept_len)
         cache.length = past + keep_n  # the rollback: rejected positions past the longest kept prefix go
         for b, n in zip(rows, kept_len):

@@ -159,7 +159,7 @@ def test_every_path_gives_the_plain_greedy_answer(model, trained, batch, decodin
             same_as_reference(m, alone, want[i:i + 1])
 
 
-def test_a_right_ctc_draft_costs_one_pass(trained, batch):
+def test_a_right_ctc_draft_decides_in_the_prompts_own_pass(trained, batch):
     audio, lens = batch
     want = reference(trained, audio, lens, 32)
     assert [w["ids"][-1] for w in want] == [trained.tag_ids[0], trained.tag_ids[1]]  # it learned to stop
@@ -171,7 +171,7 @@ def test_a_right_ctc_draft_costs_one_pass(trained, batch):
         same_as_reference(trained, [r], want[i:i + 1])
         assert r["decoding"] == "speculative" and r["transcript"] == r["ctc_transcript"]
         assert r["draft_tokens"] == r["accepted_tokens"] == len(want[i]["ids"]) - 1 > 5
-        assert r["llm_passes"] == 1 and c.n == 2  # prefill (the prefix is cached) + one verification
+        assert r["llm_passes"] == 0 and c.n == 1  # the prefill verifies the draft and reads the tag (prefix cached)
 
 
 def test_drafts_right_empty_or_wrong_anywhere(trained, fixtures, batch):
@@ -191,13 +191,13 @@ def test_drafts_right_empty_or_wrong_anywhere(trained, fixtures, batch):
             x = next(t for t in range(10, 400) if t not in a)  # a token the answer never has
             plain = len(a) - 1
             cases = {  # draft -> the passes it costs at most (exactly, but where noted)
-                "perfect": (text, 1),
+                "perfect": (text, 0),  # verified in the prefill, with the token after it
                 "empty": ([], plain),
-                "wrong first": ([x] + text[1:], 1),  # the prefill's token takes the first slot
-                "wrong middle": (text[:mid] + [x] + text[mid + 1:], 2),  # the model's token at the mismatch, then on
-                # verify, one rejected offer, then plain steps (a repetitive answer may line up sooner)
-                "garbage from the middle": (text[:mid] + [x] * (len(text) - mid + 1), 1 + len(a) - (mid + 1)),
-                "longer": (text + [x, x + 1, x], 1),
+                "wrong first": ([x] + text[1:], 1),  # the model's token at the mismatch, the draft read on after it
+                "wrong middle": (text[:mid] + [x] + text[mid + 1:], 1),
+                # one rejected offer after the mismatch, then plain steps (a repetitive answer may line up sooner)
+                "garbage from the middle": (text[:mid] + [x] * (len(text) - mid + 1), len(a) - (mid + 1)),
+                "longer": (text + [x, x + 1, x], 0),
             }
             for name, (draft, passes) in cases.items():
                 with Counter(m.llm) as c:
@@ -215,7 +215,7 @@ def test_batched_rows_accept_different_lengths(trained, batch):
     with Counter(trained.llm) as c:
         out = trained.predict(audio, lens, 32, drafts=drafts)
     same_as_reference(trained, out, want)
-    assert out[0]["llm_passes"] == 1 and out[1]["llm_passes"] == 1 + len(want[1]["ids"]) - 4
+    assert out[0]["llm_passes"] == 0 and out[1]["llm_passes"] == len(want[1]["ids"]) - 4  # 4: 3 drafted + its own
     assert c.n == 1 + max(o["llm_passes"] for o in out)
 
 
@@ -239,7 +239,7 @@ def test_decode_matches_transformers_with_a_prefix_and_a_draft(llm, llm_ref, fix
                          drafts=None if draft is None else [draft])
             assert out.tokens[0] == new
             assert (out.kept[0] - llm_ref["gen.scores"]).abs().max() < 1e-4  # as test_generate
-            assert out.passes[0] == (11 if draft is None else 1 if draft == new else 2)
+            assert out.passes[0] == (11 if draft is None else 0 if draft == new else 1)
 
 
 def test_prefix_cache_is_reused_and_follows_the_weights(model, batch):
