@@ -66,7 +66,7 @@ def measure(m, audio, lens, drafts):
 
 
 def main():
-    fixtures = Path(os.environ.get("SPEECHLLM_FIXTURES", "tests/fixtures"))
+    fixtures = Path(os.environ.get("SPEECHLLM_FIXTURES", "tests/fixtures")).resolve()  # the manifest lives elsewhere
     torch.set_num_threads(2)
     audio, lens = pad_batch([sf.read(fixtures / f"audio_{i}.wav", dtype="float32")[0] for i in (0, 1)])
     out = {"written": WRITTEN, "ctc_draft": [normalize(t) for t in WRITTEN]}
