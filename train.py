@@ -380,6 +380,9 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
     accum, world = tc.accumulate_grad_batches, d.world_size
     forward = ddp or model
     t_last, timed_steps, samples_seen = time.perf_counter(), 0, 0
+    # The logged losses are means over the log interval (the global token mean, and rank 0's tag
+    # and CTC losses): one step's value swings with its batch's duration bucket.
+    window, tag_losses, ctc_losses = [0.0, 0.0], [], []
 
     while loop["step"] < tc.max_steps:
         step = loop["step"]
@@ -387,7 +390,7 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(batches) for _ in range(accum)]
-        sums, tag_losses, ctc_losses = torch.zeros(3, dtype=torch.float64, device=d.device), [], []  # loss x weight, weight, clips
+        sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss x weight, weight, clips
         for i, batch in enumerate(micro):
             audio, lengths = batch["audio"].to(d.device, non_blocking=True), batch["lengths"].to(d.device)
             s, g = speaker_masks(model, batch, d.device)
@@ -408,6 +411,8 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
                 ctc_losses.append(float(stats["ctc_loss"]))
         loss_sum, total_weight, n_samples = dist.all_reduce_sum(sums).tolist()
         train_loss = loss_sum / total_weight
+        window[0] += loss_sum
+        window[1] += total_weight
         for p in params:  # the global token mean's gradient; DDP averaged over ranks, hence * world
             if p.grad is not None:
                 p.grad.mul_(world / total_weight)
@@ -434,17 +439,18 @@ def train(cfg, args, d: dist.Dist, resume, state, train_split, val_split) -> int
         log.bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_seen / (time.perf_counter() - t_last):.1f}")
         if step % tc.log_every_n_steps == 0 or step == tc.max_steps:
             dt = (time.perf_counter() - t_last) / timed_steps
-            rec = {"loss": train_loss, "tag_loss": sum(tag_losses) / len(tag_losses) if tag_losses else None,
+            rec = {"loss": window[0] / window[1], "tag_loss": sum(tag_losses) / len(tag_losses) if tag_losses else None,
                    "lr": lr, "grad_norm": grad_norm, "skipped": loop["skipped"], "epoch": loop["epoch"],
                    "s_per_step": dt, "samples_per_s": samples_seen / (dt * timed_steps)}
             if ctc_losses:
                 rec["ctc_loss"] = sum(ctc_losses) / len(ctc_losses)
-            log.line(f"step {step:6d} | loss {train_loss:.4f} | tag loss {rec['tag_loss'] or float('nan'):.4f} | "
+            log.line(f"step {step:6d} | loss {rec['loss']:.4f} | tag loss {rec['tag_loss'] or float('nan'):.4f} | "
                      + (f"ctc loss {rec['ctc_loss']:.4f} | " if ctc_losses else "") +
                      f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {dt * 1000:.0f} ms/step | "
                      f"{rec['samples_per_s']:.1f} samples/s | eta {dt * (tc.max_steps - step) / 60:.1f} min")
             log.record(step, "train", rec)
             t_last, timed_steps, samples_seen = time.perf_counter(), 0, 0
+            window, tag_losses, ctc_losses = [0.0, 0.0], [], []
 
         last = step == tc.max_steps
         if val_loader is not None and ((tc.val_check_interval and step % tc.val_check_interval == 0) or last):

@@ -152,6 +152,20 @@ def test_two_processes_equal_one_at_the_same_global_batch(reference):
     assert np.allclose([r["loss"] for r in records(out, "train")], ref_loss, rtol=1e-6)
 
 
+def test_logged_losses_are_means_over_the_log_interval(reference):
+    """log_every_n_steps 3 logs once, at step 3: the tag loss is the mean of the three steps' (one
+    process, one micro-batch each), the loss their token-weighted mean, strictly between the
+    smallest and the largest (the transcripts differ in length), not the last step's alone."""
+    config, root, _ = reference
+    out = root / "window"
+    assert run("--config", config, f"trainer.out_dir={out}", "trainer.log_every_n_steps=3") == 0
+    steps, (logged,) = records(root / "ref", "train"), records(out, "train")
+    assert [r["step"] for r in steps] == [1, 2, 3] and logged["step"] == 3
+    assert logged["tag_loss"] == pytest.approx(np.mean([r["tag_loss"] for r in steps]), rel=1e-12)
+    losses = [r["loss"] for r in steps]
+    assert min(losses) < logged["loss"] < max(losses) and logged["loss"] != pytest.approx(losses[-1], rel=1e-9)
+
+
 def test_two_processes_with_accumulation_and_zero_optimizer(reference):
     """2 ranks x 2 micro-steps (no_sync on the first) x batch 1, optimizer state sharded."""
     config, root, ref = reference
