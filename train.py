@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=4 train.py --config conf/stage2_turntaking.yaml
     torchrun --nproc_per_node=2 train.py --config conf/stage1_asr.yaml trainer.max_steps=100 data.train_ds.batch_size=8
     python train.py --config ... --resume auto       # one process; continue from the newest checkpoint
+    python train.py --nproc-per-node 2 --config ...  # torchrun --standalone's launch, a failure ends quietly
 
 One process per GPU (nccl), or per CPU worker (gloo), with the same code. Each optimizer step:
 lr from get_lr(step); `accumulate_grad_batches` micro-batches, gradients synchronised by DDP only
