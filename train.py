@@ -292,14 +292,14 @@ def main(argv=None) -> int:
             code, error = 1, e
     d = dist.init(device)
     try:
-        code = dist.report_first_error(code, f"error: {error}" if code else None, d)
+        code = dist.report_first_error(code, error and f"error: {error}", d)
         if code == 0:
             try:
-                code = train(cfg, args, d, *inputs)
+                code, error = train(cfg, args, d, *inputs), None  # a non-zero return has said why itself
             except (OSError, ValueError) as e:  # ConversionError too
-                print0(f"error: {e}", file=sys.stderr)
-                code = 1
-        return dist.exit_together(code, d)
+                code, error = 1, e
+            code = dist.report_first_error(code, error and f"error: {error}", d)
+        return code
     finally:
         dist.cleanup()
 

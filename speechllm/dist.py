@@ -96,16 +96,16 @@ def exit_together(code: int, d: Dist | None) -> int:
 
 
 def report_first_error(code: int, message: str | None, d: Dist) -> int:
-    """After each rank checked its own inputs (code, and its error line when code != 0): the
-    lowest failing rank prints its line to stderr, exactly once however many ranks failed, and
-    every rank gets the worst status. Call it at the same point on each rank."""
+    """Each rank's status (and its error line, or None where it printed its own): the lowest
+    failing rank prints its line to stderr, exactly once however many ranks failed, and every rank
+    gets the worst status. Call it at the same point on each rank."""
     if not dist.is_initialized():
-        if code:
+        if code and message:
             print(message, file=sys.stderr, flush=True)
         return code
     first = torch.tensor([d.rank if code else d.world_size], device=d.device)
     dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    if code and d.rank == int(first.item()):
+    if code and message and d.rank == int(first.item()):
         print(message, file=sys.stderr, flush=True)
     return exit_together(code, d)  # the line is out before any rank can leave
 
