@@ -169,8 +169,9 @@ def clip_ids(batch: dict, split) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: SpeechLLM, loader, ctx, task: str, max_new_tokens: int, d: dist.Dist) -> dict | None:
-    """Dev loss (the training objective), tag accuracy, macro/per-class F1, confusion matrix and
-    WER over this rank's share; rank 0 merges all shares and returns the metrics."""
+    """Dev loss (the training objective), tag accuracy, macro/per-class F1, confusion matrix, WER
+    and, with a CTC head, the head's WER over this rank's share; rank 0 merges all shares and
+    returns the metrics."""
     model.eval()
     rows, loss_sum, weight = [], 0.0, 0.0
     for batch in loader:
@@ -182,7 +183,8 @@ def evaluate(model: SpeechLLM, loader, ctx, task: str, max_new_tokens: int, d: d
             out = model.predict(audio, lengths, max_new_tokens, s, g)
         w = float(stats["weight"])
         loss_sum, weight = loss_sum + float(loss) * w, weight + w
-        rows += [(tag, o["tag"], text, o["transcript"]) for tag, text, o in zip(batch["label"], transcripts, out)]
+        rows += [(tag, o["tag"], o.get("ctc_transcript"), text, o["transcript"])
+                 for tag, text, o in zip(batch["label"], transcripts, out)]
     shares = dist.gather_to_master((rows, loss_sum, weight), d)
     if not d.is_master:
         return None
@@ -197,6 +199,9 @@ def evaluate(model: SpeechLLM, loader, ctx, task: str, max_new_tokens: int, d: d
     scored = [(ref, hyp) for *_, ref, hyp in rows if ref]
     if scored and model.cfg.prompt.answer_format == "transcript_tag":
         metrics["wer"] = wer([r for r, _ in scored], [h for _, h in scored])
+    drafted = [(ref, ctc) for _, _, ctc, ref, _ in rows if ref and ctc is not None]
+    if drafted:  # the CTC head's greedy transcript, whatever the answer format: what the encoder hears
+        metrics["ctc_wer"] = wer([r for r, _ in drafted], [h for _, h in drafted])
     return metrics
 
 
